@@ -1,0 +1,516 @@
+"""Run configuration: typed dataclasses, TOML presets, dotted overrides, validation.
+
+A run is described by one `RunConfig` (model, data, train, monitor, parallel). It is built from a
+TOML file or a preset, then `--set section.key=value` overrides are applied, then it is validated
+once; the resolved config is written into the run directory so the run can be reproduced from it.
+Every impossible setting raises `ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelab.errors import ConfigError, MoelabError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+ROUTING_CHOICES = ("token_choice", "expert_choice")
+SCORING_CHOICES = ("softmax", "sigmoid")
+TOKENIZER_CHOICES = ("bpe", "bytes")
+SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts feed-forward. Present on ModelConfig.moe means the model is sparse."""
+
+    num_experts: int = 8  # E, routed experts per MoE layer
+    top_k: int = 2  # k, experts per token (token choice); mean experts per token (expert choice)
+    expert_hidden: int = 256  # I, hidden size of one routed expert (fine-grained: smaller than ffn_hidden)
+    num_shared_experts: int = 0  # experts every token uses (DeepSeek-MoE), fused into one SwiGLU
+    shared_expert_hidden: int = 0  # hidden size of one shared expert; 0 = expert_hidden
+    shared_expert_gate: bool = False  # sigmoid gate on the shared-expert output (Qwen2-MoE)
+    routing: str = "token_choice"  # token_choice | expert_choice
+    scoring: str = "softmax"  # softmax | sigmoid
+    renormalize: bool = True  # rescale the k chosen weights to sum to 1
+    capacity_factor: float | None = None  # None = dropless; else slots per expert / (T*k/E)
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0 = off
+    jitter: float = 0.0  # multiplicative noise on the router input while training
+    router_init_std: float | None = None  # None = model init_std
+    every: int = 1  # an MoE layer every n-th layer (layer i is MoE when (i+1) % every == 0)
+    first_dense: int = 0  # the first m layers keep a dense FFN (DeepSeek-MoE)
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        _check(self.num_experts >= 1, f"{prefix}.num_experts", self.num_experts, "an integer >= 1")
+        _check(self.top_k >= 1, f"{prefix}.top_k", self.top_k, "an integer >= 1")
+        if self.routing == "token_choice":
+            _check(
+                self.top_k <= self.num_experts,
+                f"{prefix}.top_k",
+                self.top_k,
+                f"at most num_experts ({self.num_experts})",
+            )
+        _check(self.expert_hidden >= 1, f"{prefix}.expert_hidden", self.expert_hidden, "an integer >= 1")
+        _check(
+            self.num_shared_experts >= 0,
+            f"{prefix}.num_shared_experts",
+            self.num_shared_experts,
+            "an integer >= 0",
+        )
+        _check(
+            self.shared_expert_hidden >= 0,
+            f"{prefix}.shared_expert_hidden",
+            self.shared_expert_hidden,
+            "an integer >= 0 (0 means expert_hidden)",
+        )
+        _check(self.routing in ROUTING_CHOICES, f"{prefix}.routing", self.routing, f"one of {ROUTING_CHOICES}")
+        _check(self.scoring in SCORING_CHOICES, f"{prefix}.scoring", self.scoring, f"one of {SCORING_CHOICES}")
+        if self.capacity_factor is not None:
+            _check(
+                math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
+                f"{prefix}.capacity_factor",
+                self.capacity_factor,
+                "a number > 0, or none for dropless routing",
+            )
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"{prefix}.{name}", value, "a number >= 0")
+        _check(self.jitter < 1, f"{prefix}.jitter", self.jitter, "a number in [0, 1)")
+        if self.router_init_std is not None:
+            _check(self.router_init_std >= 0, f"{prefix}.router_init_std", self.router_init_std, "a number >= 0")
+        _check(self.every >= 1, f"{prefix}.every", self.every, "an integer >= 1")
+        _check(self.first_dense >= 0, f"{prefix}.first_dense", self.first_dense, "an integer >= 0")
+
+    @property
+    def shared_hidden_total(self) -> int:
+        """Hidden size of the fused shared-expert SwiGLU (0 when there are no shared experts)."""
+        return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer; `moe` set means some layers use the MoE feed-forward."""
+
+    vocab_size: int = 0  # 0 = taken from the tokenizer when the run starts
+    d_model: int = 256  # D
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads
+    head_dim: int = 0  # 0 = d_model // n_heads
+    ffn_hidden: int = 1024  # hidden size of the dense SwiGLU (dense layers and the dense model)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    moe: MoEConfig | None = None
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.vocab_size >= 0, f"{prefix}.vocab_size", self.vocab_size, "an integer >= 0 (0 = from tokenizer)")
+        _check(self.d_model >= 1, f"{prefix}.d_model", self.d_model, "an integer >= 1")
+        _check(self.n_layers >= 1, f"{prefix}.n_layers", self.n_layers, "an integer >= 1")
+        _check(self.n_heads >= 1, f"{prefix}.n_heads", self.n_heads, "an integer >= 1")
+        if self.head_dim == 0:
+            _check(
+                self.d_model % self.n_heads == 0,
+                f"{prefix}.d_model",
+                self.d_model,
+                f"a multiple of n_heads ({self.n_heads}), or set head_dim",
+            )
+        _check(self.head_dim >= 0, f"{prefix}.head_dim", self.head_dim, "an integer >= 0 (0 = d_model // n_heads)")
+        _check(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", self.resolved_head_dim, "an even number (rotary)")
+        _check(self.n_kv_heads >= 0, f"{prefix}.n_kv_heads", self.n_kv_heads, "an integer >= 0 (0 = n_heads)")
+        _check(
+            self.n_heads % self.kv_heads == 0,
+            f"{prefix}.n_kv_heads",
+            self.n_kv_heads,
+            f"a divisor of n_heads ({self.n_heads})",
+        )
+        _check(self.ffn_hidden >= 1, f"{prefix}.ffn_hidden", self.ffn_hidden, "an integer >= 1")
+        _check(self.max_seq_len >= 1, f"{prefix}.max_seq_len", self.max_seq_len, "an integer >= 1")
+        _check(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "a number > 0")
+        _check(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "a number > 0")
+        _check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a number > 0")
+        if self.moe is not None:
+            self.moe.validate(f"{prefix}.moe")
+            _check(
+                self.moe.first_dense < self.n_layers,
+                f"{prefix}.moe.first_dense",
+                self.moe.first_dense,
+                f"fewer than n_layers ({self.n_layers}) so that at least one layer is MoE",
+            )
+            _check(
+                any(self.is_moe_layer(i) for i in range(self.n_layers)),
+                f"{prefix}.moe.every",
+                self.moe.every,
+                f"a value that leaves at least one MoE layer among {self.n_layers} layers",
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer placement: dense for the first `first_dense` layers, then MoE on every `every`-th."""
+        if self.moe is None or layer < self.moe.first_dense:
+            return False
+        return (layer + 1) % self.moe.every == 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (embedded corpus), a text file, a directory, or a .jsonl file
+    glob: str = "**/*"  # files to read when source is a directory (comma-separated patterns)
+    jsonl_field: str = "text"
+    tokenizer: str = "bpe"  # bpe | bytes
+    vocab_size: int = 4096  # BPE vocabulary size (bytes: 256 + special tokens)
+    seq_len: int = 256  # training context length
+    val_fraction: float = 0.03  # share of documents held out, by a stable hash of their path
+    max_bytes: int = 0  # read at most this many bytes of text (0 = all)
+    cache_dir: str = ""  # token-shard cache; "" = $MOELAB_CACHE or ~/.cache/moelab
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(bool(self.source), f"{prefix}.source", self.source, '"stdlib" or a path to text data')
+        _check(
+            self.tokenizer in TOKENIZER_CHOICES,
+            f"{prefix}.tokenizer",
+            self.tokenizer,
+            f"one of {TOKENIZER_CHOICES}",
+        )
+        _check(self.vocab_size >= 260, f"{prefix}.vocab_size", self.vocab_size, "an integer >= 260")
+        _check(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
+        _check(
+            0.02 <= self.val_fraction < 0.5,
+            f"{prefix}.val_fraction",
+            self.val_fraction,
+            "a fraction in [0.02, 0.5)",
+        )
+        _check(self.max_bytes >= 0, f"{prefix}.max_bytes", self.max_bytes, "an integer >= 0 (0 = all)")
+        _check(bool(self.jsonl_field), f"{prefix}.jsonl_field", self.jsonl_field, "a non-empty field name")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_tokens: int = 0  # stop after this many training tokens (0 = no token budget)
+    max_minutes: float = 0.0  # stop after this much wall time (0 = no time budget)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final learning rate / lr
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    sample_tokens: int = 64  # tokens of the sample printed at the end
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "an integer >= 1")
+        for name in ("max_tokens", "sample_tokens", "warmup_steps"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "an integer >= 0")
+        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", self.checkpoint_every, ">= 0 (0 = only at the end)")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(self.max_minutes >= 0, f"{prefix}.max_minutes", self.max_minutes, "a number >= 0 (0 = no limit)")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a number > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
+        _check(self.schedule in SCHEDULE_CHOICES, f"{prefix}.schedule", self.schedule, f"one of {SCHEDULE_CHOICES}")
+        _check(0 < self.decay_fraction <= 1, f"{prefix}.decay_fraction", self.decay_fraction, "a fraction in (0, 1]")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 <= self.beta1 < 1, f"{prefix}.beta1", self.beta1, "a number in [0, 1)")
+        _check(0 <= self.beta2 < 1, f"{prefix}.beta2", self.beta2, "a number in [0, 1)")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _check(self.device in DEVICE_CHOICES, f"{prefix}.device", self.device, f"one of {DEVICE_CHOICES}")
+        _check(self.dtype in DTYPE_CHOICES, f"{prefix}.dtype", self.dtype, f"one of {DTYPE_CHOICES}")
+
+
+@dataclass
+class MonitorConfig:
+    """Router-health metrics and guardrails (see moelab.train.monitor)."""
+
+    dead_share: float = 0.1  # an expert is starved when its share < dead_share / E
+    persist_intervals: int = 5  # dead / collapsed for this many consecutive logging intervals
+    collapse_imbalance: float = 0.0  # max/mean load that counts as collapse (0 = halfway to E/k)
+    spike_sigma: float = 6.0  # loss / grad-norm spike: value > rolling mean + k * std
+    spike_window: int = 50  # logging intervals in the rolling window
+    logit_growth: float = 30.0  # alert when the max router logit exceeds this
+    on_nan: str = "rollback"  # warn | stop | rollback
+    on_spike: str = "warn"
+    on_collapse: str = "warn"
+    on_dead: str = "warn"
+    on_logit_growth: str = "warn"
+    max_rollbacks: int = 3
+    skip_batches: int = 0  # batches skipped after a rollback (0 = the window since the checkpoint)
+    expert_similarity: bool = True  # pairwise cosine similarity of experts in metrics
+    debug_nan_step: int = 0  # test hook: poison the loss of this step once (0 = off)
+
+    def validate(self, prefix: str = "monitor") -> None:
+        actions = ("warn", "stop", "rollback")
+        for name in ("on_nan", "on_spike", "on_collapse", "on_dead", "on_logit_growth"):
+            value = getattr(self, name)
+            _check(value in actions, f"{prefix}.{name}", value, f"one of {actions}")
+        _check(0 < self.dead_share < 1, f"{prefix}.dead_share", self.dead_share, "a fraction in (0, 1)")
+        _check(self.persist_intervals >= 1, f"{prefix}.persist_intervals", self.persist_intervals, "an integer >= 1")
+        _check(self.collapse_imbalance >= 0, f"{prefix}.collapse_imbalance", self.collapse_imbalance, "a number >= 0")
+        _check(self.spike_sigma > 0, f"{prefix}.spike_sigma", self.spike_sigma, "a number > 0")
+        _check(self.spike_window >= 5, f"{prefix}.spike_window", self.spike_window, "an integer >= 5")
+        _check(self.logit_growth > 0, f"{prefix}.logit_growth", self.logit_growth, "a number > 0")
+        _check(self.max_rollbacks >= 0, f"{prefix}.max_rollbacks", self.max_rollbacks, "an integer >= 0")
+        _check(self.skip_batches >= 0, f"{prefix}.skip_batches", self.skip_batches, "an integer >= 0")
+        _check(self.debug_nan_step >= 0, f"{prefix}.debug_nan_step", self.debug_nan_step, "an integer >= 0 (0 = off)")
+
+
+@dataclass
+class ParallelConfig:
+    """torch.distributed layout (launch with torchrun); 1 everywhere means a single process."""
+
+    expert: int = 1  # expert-parallel group size: each rank holds E / expert experts
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _check(self.expert >= 1, f"{prefix}.expert", self.expert, "an integer >= 1")
+        _check(self.backend in ("auto", "gloo", "nccl"), f"{prefix}.backend", self.backend, "auto, gloo or nccl")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.monitor.validate()
+        self.parallel.validate()
+        _check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"at most model.max_seq_len ({self.model.max_seq_len})",
+        )
+        moe = self.model.moe
+        if moe is not None and self.parallel.expert > 1:
+            _check(
+                moe.num_experts % self.parallel.expert == 0,
+                "parallel.expert",
+                self.parallel.expert,
+                f"a divisor of model.moe.num_experts ({moe.num_experts})",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+def _check(ok: bool, field_name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, value, allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dictionaries (TOML) with type checks and helpful errors
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "config", data, f"a table of {cls.__name__} settings")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(path, value, f"a known key; {prefix or 'the top level'} takes {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(options[0], value, path)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return from_dict(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, value, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(path, value, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, value, "a string")
+    raise TypeError(f"unsupported config type {hint} at {path}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write a nested dict of scalars as TOML (None values are left out: they mean 'default')."""
+    lines: list[str] = []
+
+    def emit(table: dict[str, Any], header: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if header and (scalars or not tables):
+            lines.append(f"[{header}]")
+        for key, value in scalars.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        if scalars:
+            lines.append("")
+        for key, value in tables.items():
+            emit(value, f"{header}.{key}" if header else key)
+
+    emit(data, "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, files and overrides
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError("--preset", name, f"one of {', '.join(preset_names())}")
+    return path
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MoelabError(f"config file {path} does not exist (give a .toml file or --preset NAME)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MoelabError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.moe.num_experts=16' -> (['model', 'moe', 'num_experts'], 16). Values use TOML syntax;
+    a bare word that is not TOML is taken as a string."""
+    if "=" not in text:
+        raise ConfigError("--set", text, "key.path=value, for example model.moe.num_experts=16")
+    key, raw = text.split("=", 1)
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError("--set", text, "key.path=value with a non-empty dotted key")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict (a copy). `section=none` removes an optional table."""
+    out = _deep_copy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None or not isinstance(child, dict):
+                child = {}
+                node[k] = child
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Resolve a config from a TOML file or a preset (default: small-moe), then overrides."""
+    if path is not None and preset is not None:
+        raise MoelabError("give either a config file or --preset, not both")
+    if path is None:
+        path = preset_path(preset or "small-moe")
+    data = apply_overrides(read_toml(path), overrides or [])
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (a parsed TOML document)."""
+    data = _deep_copy(data)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("moe"), (str, bool)):
+        flag = model["moe"]
+        if flag in (False, "none", "null", "dense", "off"):
+            model["moe"] = None
+        elif flag in (True, "on"):
+            model["moe"] = {}
+    return from_dict(RunConfig, data).validate()

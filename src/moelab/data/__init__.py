@@ -1,0 +1,1 @@
+"""Data: corpus sources, tokenizers, cached token files and the batch loader."""

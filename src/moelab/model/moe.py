@@ -1,0 +1,221 @@
+"""Mixture-of-experts feed-forward: router, stacked experts, shared experts, load balancing.
+
+Shape legend: T tokens (batch and sequence flattened), D model width, E routed experts, k experts per
+token, I expert hidden size, C expert capacity.
+
+Router statistics (tokens per expert, dropped slots, entropy, z-loss, max logit) are accumulated in
+non-persistent buffers by training-mode forwards only, and read and reset by the trainer through
+`MoE.read_stats`. Nothing is kept in module-level state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import MoEConfig
+from moelab.model.dispatch import DispatchPlan, experts_swiglu, plan_expert_choice, plan_token_choice
+from moelab.model.mlp import SwiGLU
+
+
+@dataclass
+class Routing:
+    """What the router decided for one forward pass."""
+
+    plan: DispatchPlan
+    logits_TE: torch.Tensor  # [T, E] fp32 router logits
+    probs_TE: torch.Tensor  # [T, E] fp32 per-token distribution over experts (sums to 1)
+    slots_per_expert_E: torch.Tensor  # [E] slots routed to each expert before any dropping
+
+
+def expert_capacity(num_tokens: int, cfg: MoEConfig) -> int | None:
+    """Slots per expert: ceil(capacity_factor * T * k / E); None when dropless.
+
+    Expert choice always has a capacity (capacity_factor defaults to 1 there), at most T."""
+    factor = cfg.capacity_factor
+    if factor is None:
+        if cfg.routing == "token_choice":
+            return None
+        factor = 1.0
+    capacity = math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts)
+    return max(1, min(capacity, num_tokens)) if cfg.routing == "expert_choice" else max(1, capacity)
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks who goes where. All router math runs in fp32:
+    softmax over small logit differences and the balancing statistics lose too much in bf16."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # [E, D]
+        # Auxiliary-loss-free balancing (DeepSeek-V3): added to scores only when choosing experts.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        x32_TD = x_TD.float()
+        if self.training and cfg.jitter > 0:
+            x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - cfg.jitter, 1.0 + cfg.jitter)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x32_TD, self.weight.float())
+        if cfg.scoring == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        T = x_TD.shape[0]
+        capacity = expert_capacity(T, cfg)
+        if cfg.routing == "expert_choice":
+            weight_EC, token_EC = scores_TE.t().topk(capacity, dim=-1)  # each expert takes its top-C tokens
+            plan = plan_expert_choice(token_EC, weight_EC, T)
+            slots = plan.tokens_per_expert_E
+        else:
+            select_TE = scores_TE
+            if cfg.bias_update_rate > 0:
+                # NOTE: with softmax the bias goes on the logits (log-probabilities up to a per-token
+                # constant): added to probabilities it would only reorder the many near-zero experts,
+                # which makes the load oscillate. With sigmoid it goes on the scores (DeepSeek-V3).
+                select_TE = (logits_TE if cfg.scoring == "softmax" else scores_TE) + self.expert_bias
+            _, expert_TK = select_TE.topk(cfg.top_k, dim=-1)
+            weight_TK = scores_TE.gather(1, expert_TK)
+            if cfg.renormalize:
+                weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            slots = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
+            plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
+        return Routing(plan=plan, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=slots)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked tensors in Hugging Face v5's fused layout:
+    gate_up_proj [E, 2I, D] (gate rows first) and down_proj [E, D, I]."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "auto") -> torch.Tensor:
+        return experts_swiglu(x_TD, plan, self.gate_up_proj, self.down_proj, impl)
+
+
+_STAT_NAMES = ("forwards", "tokens", "slots", "dropped", "entropy_sum", "z_loss_sum", "max_logit")
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional shared experts; forward returns (output, auxiliary loss)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(d_model, cfg)
+        self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden)
+        self.shared = SwiGLU(d_model, cfg.shared_hidden_total) if cfg.num_shared_experts > 0 else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
+        self.impl = "auto"  # grouped matmul implementation; tests switch it
+        E = cfg.num_experts
+        # Training statistics since the last read (non-persistent: never saved with the weights).
+        self.register_buffer("stat_tokens_per_expert", torch.zeros(E), persistent=False)
+        self.register_buffer("stat_prob_sum", torch.zeros(E), persistent=False)
+        self.register_buffer("stat_scalars", torch.zeros(len(_STAT_NAMES)), persistent=False)
+        # Expert load since the last bias update (aux-loss-free balancing).
+        self.register_buffer("load_since_update", torch.zeros(E), persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        routing = self.router(x_TD)
+        y_TD = self.experts(x_TD, routing.plan, self.impl)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        aux = self._aux_loss(routing) if self.training else x_TD.new_zeros((), dtype=torch.float32)
+        if self.training:
+            self._record(routing, x_TD.shape[0])
+        return y_TD.reshape(shape), aux
+
+    def _aux_loss(self, routing: Routing) -> torch.Tensor:
+        cfg = self.cfg
+        loss = routing.logits_TE.new_zeros(())
+        if cfg.aux_loss_coef > 0 and cfg.routing == "token_choice":
+            # Switch Transformer: E * sum_e f_e * P_e, f_e = share of slots routed to e (no gradient),
+            # P_e = mean router probability of e. Minimised (value 1) by uniform routing.
+            slot_share_E = routing.slots_per_expert_E.float() / routing.slots_per_expert_E.sum().clamp_min(1)
+            mean_prob_E = routing.probs_TE.mean(0)
+            loss = loss + cfg.aux_loss_coef * cfg.num_experts * (slot_share_E * mean_prob_E).sum()
+        if cfg.z_loss_coef > 0:
+            # ST-MoE router z-loss: keeps logits small so softmax stays well conditioned.
+            loss = loss + cfg.z_loss_coef * torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+        return loss
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, num_tokens: int) -> None:
+        kept_E = routing.plan.tokens_per_expert_E.float()
+        self.stat_tokens_per_expert += kept_E
+        self.stat_prob_sum += routing.probs_TE.sum(0)
+        self.load_since_update += routing.slots_per_expert_E.float()
+        probs = routing.probs_TE
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).sum()
+        z = torch.logsumexp(routing.logits_TE, dim=-1).square().sum()
+        routed = routing.slots_per_expert_E.sum().float()
+        if self.cfg.routing == "expert_choice":
+            routed = torch.tensor(float(num_tokens), device=kept_E.device)  # dropped counts tokens here
+        update = torch.stack(
+            [
+                torch.ones((), device=kept_E.device),
+                torch.tensor(float(num_tokens), device=kept_E.device),
+                routed,
+                routing.plan.dropped_slots.float(),
+                entropy,
+                z,
+                torch.zeros((), device=kept_E.device),
+            ]
+        )
+        self.stat_scalars += update
+        self.stat_scalars[6] = torch.maximum(self.stat_scalars[6], routing.logits_TE.max())
+
+    def read_stats(self, reset: bool = True) -> dict[str, object]:
+        """Router statistics accumulated by training forwards since the last reset.
+
+        tokens_per_expert: slots each expert processed; dropped_frac: share of routed slots dropped
+        by capacity (expert choice: share of tokens no expert took); entropy: mean per-token routing
+        entropy (nats); z_loss: mean squared logsumexp of the logits; max_logit: largest logit seen.
+        """
+        s = dict(zip(_STAT_NAMES, self.stat_scalars.tolist()))
+        tokens = max(s["tokens"], 1.0)
+        stats = {
+            "tokens_per_expert": self.stat_tokens_per_expert.tolist(),
+            "mean_prob": (self.stat_prob_sum / tokens).tolist(),
+            "tokens": s["tokens"],
+            "dropped_frac": s["dropped"] / max(s["slots"], 1.0),
+            "entropy": s["entropy_sum"] / tokens,
+            "z_loss": s["z_loss_sum"] / tokens,
+            "max_logit": s["max_logit"] if s["forwards"] > 0 else 0.0,
+        }
+        if reset:
+            self.reset_stats()
+        return stats
+
+    def reset_stats(self) -> None:
+        self.stat_tokens_per_expert.zero_()
+        self.stat_prob_sum.zero_()
+        self.stat_scalars.zero_()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One aux-loss-free balancing step (DeepSeek-V3), called after each optimizer step:
+        raise the bias of under-loaded experts and lower it for over-loaded ones by the update rate."""
+        rate = self.cfg.bias_update_rate
+        if rate > 0 and self.load_since_update.sum() > 0:
+            load_E = self.load_since_update
+            bias_E = self.router.expert_bias
+            bias_E += rate * torch.sign(load_E.mean() - load_E)
+            bias_E -= bias_E.mean()  # selection ignores a common shift; keep the bias from drifting
+        self.load_since_update.zero_()

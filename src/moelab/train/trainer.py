@@ -1,0 +1,456 @@
+"""The training loop: AdamW + schedule, gradient accumulation, MoE losses and bias balancing,
+evaluation, metrics, checkpoints, budgets, and the monitor's guardrails (including rollback)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moelab.config import RunConfig
+from moelab.data.loader import BatchLoader, eval_batches
+from moelab.data.shards import TokenData, prepare_data
+from moelab.errors import CheckpointError, MoelabError
+from moelab.infer.generate import generate
+from moelab.infer.sampling import SamplingParams
+from moelab.model import Transformer
+from moelab.model.accounting import param_counts, train_flops_per_token
+from moelab.rundir import RunDir, read_jsonl, write_atomic
+from moelab.train.checkpoint import describe_fallback, list_checkpoints, load_checkpoint, save_checkpoint
+from moelab.train.monitor import Alert, Monitor, router_health
+from moelab.train.progress import ProgressBar, format_count, format_duration
+from moelab.train.schedule import build_optimizer, learning_rate
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    tokens: int
+    flops: float
+    val_loss: float
+    val_ppl: float
+    train_s: float
+    wall_s: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    stopped_by: str  # max_steps | max_tokens | max_minutes | stop_at | monitor
+    sample: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MoelabError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless bfloat16 is asked for."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if name == "bfloat16" else None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss_kb * (1 if sys.platform == "darwin" else 1024))
+
+
+class Trainer:
+    """Train one run. `resume` is False, True (newest checkpoint) or a checkpoint path."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: str | Path,
+        resume: bool | str | Path = False,
+        log: Callable[[str], None] = print,
+        progress: bool = True,
+        step_hook: Callable[["Trainer", int], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.run = RunDir(out)
+        self.log = log
+        self.step_hook = step_hook
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
+        resume_from = self._resume_checkpoint(resume)
+        if resume_from is None and self.run.path.exists():
+            self._check_out_dir_free()  # before the data work, so a mistake costs nothing
+
+        self.data: TokenData = prepare_data(cfg.data, log=log)
+        vocab = self.data.tokenizer.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise MoelabError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+        self.loader = BatchLoader(self.data.train, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed)
+        self.eval_set = eval_batches(self.data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
+
+        if resume_from is None:
+            self.run.create(cfg)
+            self.data.tokenizer.save(self.run.tokenizer_path)
+            write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
+        elif self.run.tokenizer_path.read_text() != self.data.tokenizer.to_json():
+            raise MoelabError(f"the data's tokenizer differs from the one in {self.run.path}: the data changed since the run started")
+
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        moe = cfg.model.moe
+        self.monitor = Monitor(cfg.monitor, moe.num_experts if moe else 0, moe.top_k if moe else 1)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        self.step = 0
+        self.tokens = 0
+        self.train_s = 0.0  # time in training steps (no evaluation or checkpointing)
+        self.wall_s = 0.0  # all time spent in this run, over every session
+        self.last_val: float | None = None
+        self.nan_injected = False
+        self.alerts_total = 0
+        if resume_from is not None:
+            self._load(resume_from)
+            self.log(f"resumed {self.run.path} from {resume_from.name} (step {self.step})")
+            self._truncate_metrics(self.step)
+        self.bar = ProgressBar(cfg.train.max_steps, enabled=progress)
+
+    # -- setup helpers -----------------------------------------------------------------------
+
+    def _check_out_dir_free(self) -> None:
+        path = self.run.path
+        if not path.is_dir():
+            raise MoelabError(f"output path {path} is a file; give a directory for --out")
+        if self.run.is_run():
+            raise MoelabError(f"output directory {path} holds another run already; continue it with --resume or choose another --out")
+        if any(path.iterdir()):
+            raise MoelabError(f"output directory {path} is not empty; choose a new or empty directory for --out")
+
+    def _resume_checkpoint(self, resume: bool | str | Path) -> Path | None:
+        if resume is False or resume is None:
+            return None
+        if resume is True:
+            if not self.run.is_run():
+                raise MoelabError(f"cannot resume: {self.run.path} is not a moelab run directory")
+            checkpoints = list_checkpoints(self.run.path)
+            if not checkpoints:
+                raise MoelabError(f"cannot resume: run {self.run.path} has no checkpoint")
+            return checkpoints[-1]
+        path = Path(resume)
+        if not path.is_dir():
+            raise MoelabError(f"cannot resume from {path}: no such checkpoint directory")
+        if path.parent.parent.resolve() != self.run.path.resolve():
+            raise MoelabError(f"checkpoint {path} does not belong to run {self.run.path}")
+        return path
+
+    def _trainer_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_s": self.train_s,
+            "wall_s": self.wall_s,
+            "last_val": -1.0 if self.last_val is None else self.last_val,
+            "nan_injected": self.nan_injected,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": json.dumps(random.getstate()),
+            "monitor": self.monitor.state_dict(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _load(self, checkpoint: Path, restore_counters: bool = True) -> None:
+        try:
+            state = load_checkpoint(checkpoint, self.model, map_location=self.device)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc) + describe_fallback(self.run.path, checkpoint)) from None
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        python_state = json.loads(state["python_rng"])
+        random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.last_val = None if state["last_val"] < 0 else float(state["last_val"])
+        self.nan_injected = bool(state.get("nan_injected", False))
+        if restore_counters:
+            self.train_s = float(state["train_s"])
+            self.wall_s = float(state["wall_s"])
+            rollbacks = self.monitor.rollbacks
+            self.monitor.load_state_dict(state["monitor"])
+            self.monitor.rollbacks = max(rollbacks, self.monitor.rollbacks)
+        for moe in self.model.moe_layers():
+            moe.reset_stats()
+            moe.load_since_update.zero_()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines newer than the checkpoint a resumed run restarts from."""
+        rows = [r for r in read_jsonl(self.run.metrics_path) if r.get("step", 0) <= step]
+        write_atomic(self.run.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _write_alert(self, alert: Alert) -> None:
+        self.alerts_total += 1
+        with open(self.run.alerts_path, "a") as f:
+            f.write(json.dumps(alert.to_dict()) + "\n")
+        self._write_metrics({"step": alert.step, "tokens": self.tokens, "event": "alert", "rule": alert.rule, "action": alert.action, "message": alert.message})
+        self.bar.message(f"alert [{alert.rule} -> {alert.action}] {alert.message}")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over the fixed evaluation batches."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.eval_set:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x).logits
+            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+            count += y.numel()
+        self.model.train()
+        return total / count
+
+    def _eval_and_log(self) -> float:
+        val = self.evaluate()
+        self.last_val = val
+        self._write_metrics(
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "flops": self.tokens * self.flops_per_token,
+                "val_loss": val,
+                "val_ppl": math.exp(min(val, 50.0)),
+                "train_s": round(self.train_s, 3),
+                "elapsed_s": round(self.wall_s, 3),
+            }
+        )
+        return val
+
+    def _forward_backward(self) -> tuple[float, float]:
+        cfg = self.cfg.train
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model(x)
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            if self.cfg.monitor.debug_nan_step and not self.nan_injected and self.step + 1 == self.cfg.monitor.debug_nan_step:
+                loss = loss * float("nan")  # test hook: a poisoned batch
+                self.nan_injected = True
+            ((loss + out.aux_loss) / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            aux_sum += out.aux_loss.detach()
+        return float(loss_sum) / cfg.grad_accum, float(aux_sum) / cfg.grad_accum
+
+    def _rollback(self, alert: Alert) -> bool:
+        """Restore the newest good checkpoint and skip the batches that led to the failure.
+        Returns False when the retry budget is spent."""
+        if self.monitor.rollbacks >= self.cfg.monitor.max_rollbacks:
+            return False
+        checkpoints = list_checkpoints(self.run.path)
+        if not checkpoints:
+            return False
+        self.monitor.rollbacks += 1
+        bad_loader = self.loader.state_dict()
+        bad_step = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        wall_s, train_s = self.wall_s, self.train_s
+        self._load(checkpoints[-1], restore_counters=False)
+        self.wall_s, self.train_s = wall_s, train_s  # time already spent stays spent
+        # Continue after the batch that failed: the window since the checkpoint is skipped.
+        self.loader.epoch, self.loader.index = bad_loader["epoch"], bad_loader["index"]
+        self.loader.skip(self.cfg.monitor.skip_batches)
+        self._write_metrics({"step": bad_step, "tokens": self.tokens, "event": "rollback", "to_step": self.step, "rule": alert.rule})
+        self.bar.message(f"rolled back to step {self.step} ({checkpoints[-1].name}); skipping the batches up to step {bad_step} (retry {self.monitor.rollbacks}/{self.cfg.monitor.max_rollbacks})")
+        return True
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run.path, self.step, self.model, self._trainer_state(), self.cfg.train.keep_checkpoints)
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Train until max_steps, a budget, `stop_at` steps, or a monitor stop; always ends with an
+        evaluation and a checkpoint so the run can be resumed or served."""
+        cfg = self.cfg.train
+        session_start = time.perf_counter()
+        wall_at_start = self.wall_s
+        stopped_by = "max_steps"
+        self.model.train()
+        counts = param_counts(self.cfg.model)
+        self.log(
+            f"model: {format_count(counts.total)} parameters, {format_count(counts.active)} active; "
+            f"{format_count(self.flops_per_token)} training FLOPs/token; device {self.device}"
+            + (f" (autocast {self.amp_dtype})" if self.amp_dtype else "")
+        )
+        if self.step == 0 and not list_checkpoints(self.run.path):
+            self._eval_and_log()
+            self._checkpoint()  # a rollback target from the very start
+        interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+        grad_norm = 0.0
+        while self.step < cfg.max_steps:
+            if stop_at is not None and self.step >= stop_at:
+                stopped_by = "stop_at"
+                break
+            if cfg.max_tokens and self.tokens >= cfg.max_tokens:
+                stopped_by = "max_tokens"
+                break
+            self.wall_s = wall_at_start + time.perf_counter() - session_start
+            if cfg.max_minutes and self.wall_s >= cfg.max_minutes * 60:
+                stopped_by = "max_minutes"
+                break
+            if self.step_hook is not None:
+                self.step_hook(self, self.step)
+            t0 = time.perf_counter()
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(self.step, cfg)
+            loss, aux = self._forward_backward()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            alert = self.monitor.check_step(self.step + 1, loss, grad_norm)
+            if alert is not None:
+                self._write_alert(alert)
+                self.optimizer.zero_grad(set_to_none=True)  # the step is skipped
+                for moe in self.model.moe_layers():
+                    moe.load_since_update.zero_()
+                if alert.action == "stop" or (alert.action == "rollback" and not self._rollback(alert)):
+                    stopped_by = "monitor"
+                    self.bar.message(f"stopping: {alert.message}" + ("; rollback retries exhausted" if alert.action == "rollback" else ""))
+                    break
+                interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+                continue
+            log_now = (self.step + 1) % cfg.log_every == 0
+            health = router_health(self.model, self.model.router_stats(), self.cfg.monitor.expert_similarity) if log_now else {}
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.update_router_biases()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.train_s += dt
+            interval_loss += loss
+            interval_aux += aux
+            interval_steps += 1
+            interval_s += dt
+            interval_tokens += self.tokens_per_step
+            self.wall_s = wall_at_start + time.perf_counter() - session_start
+            if log_now:
+                tps = interval_tokens / max(interval_s, 1e-9)
+                record = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "flops": self.tokens * self.flops_per_token,
+                    "loss": interval_loss / interval_steps,
+                    "aux_loss": interval_aux / interval_steps,
+                    "lr": learning_rate(self.step - 1, cfg),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tps,
+                    "train_s": round(self.train_s, 3),
+                    "elapsed_s": round(self.wall_s, 3),
+                }
+                alerts = self.monitor.check_interval(self.step, record["loss"], grad_norm, health)
+                record.update(health)
+                self._write_metrics(record)
+                stop_alert = None
+                for a in alerts:
+                    self._write_alert(a)
+                    if a.action in ("stop", "rollback") and stop_alert is None:
+                        stop_alert = a
+                eta = (cfg.max_steps - self.step) * interval_s / interval_steps
+                latest = alerts[-1].rule if alerts else ""
+                self.bar.update(self.step, record["loss"], tps, eta, self.last_val, latest)
+                interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+                if stop_alert is not None:
+                    if stop_alert.action == "stop" or not self._rollback(stop_alert):
+                        stopped_by = "monitor"
+                        self.bar.message(f"stopping: {stop_alert.message}")
+                        break
+                    continue
+            if self.step % cfg.eval_every == 0:
+                val = self._eval_and_log()
+                self.bar.message(f"step {self.step}: validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self._checkpoint()
+        self.bar.close()
+        self.wall_s = wall_at_start + time.perf_counter() - session_start
+        if self.step % cfg.eval_every != 0 or self.last_val is None:
+            self._eval_and_log()
+        latest = list_checkpoints(self.run.path)
+        if not latest or int(latest[-1].name.split("_")[1]) != self.step:
+            self._checkpoint()
+        sample = ""
+        if cfg.sample_tokens:
+            sample = generate(self.model, self.data.tokenizer, "def ", cfg.sample_tokens, SamplingParams(temperature=0.8, top_p=0.95), seed=cfg.seed)
+        result = TrainResult(
+            run_dir=str(self.run.path),
+            step=self.step,
+            tokens=self.tokens,
+            flops=self.tokens * self.flops_per_token,
+            val_loss=self.last_val,
+            val_ppl=math.exp(min(self.last_val, 50.0)),
+            train_s=self.train_s,
+            wall_s=self.wall_s,
+            tokens_per_s=self.tokens / max(self.train_s, 1e-9),
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            stopped_by=stopped_by,
+            sample=sample,
+        )
+        summary = result.to_dict()
+        summary.update(
+            {
+                "params": counts.to_dict(),
+                "train_flops_per_token": self.flops_per_token,
+                "alerts": self.alerts_total,
+                "rollbacks": self.monitor.rollbacks,
+                "device": str(self.device),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+            }
+        )
+        write_atomic(self.run.summary_path, json.dumps(summary, indent=1))
+        return result
+
+
+def describe_result(result: TrainResult) -> str:
+    return (
+        f"finished at step {result.step} ({result.stopped_by}): validation loss {result.val_loss:.4f}, "
+        f"perplexity {result.val_ppl:.2f}; {format_count(result.tokens)} tokens in {format_duration(result.train_s)} "
+        f"({format_count(result.tokens_per_s)} tokens/s); run directory {result.run_dir}"
+    )
