@@ -46,7 +46,7 @@ def route(moe, x):
             if capacity < T:
                 min_gap = min(min_gap, scores_list[ranked[capacity - 1]][e] - scores_list[ranked[capacity]][e])
             for t in ranked[:capacity]:
-                slots.append((t, e, scores[t, e]))
+                slots.append((t, e, scores[t, e] * cfg.route_scale))
         covered = {t for t, _, _ in slots}
         dropped = T - len(covered)
         return slots, dropped, min_gap
@@ -62,6 +62,7 @@ def route(moe, x):
         if cfg.renormalize:
             total = sum(weights)
             weights = [w / total for w in weights]
+        weights = [w * cfg.route_scale for w in weights]
         choices.append(list(zip(chosen, weights)))
     capacity = None if cfg.capacity_factor is None else max(1, math.ceil(cfg.capacity_factor * T * k / E))
     used = [0] * E

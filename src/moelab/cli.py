@@ -7,6 +7,7 @@ Bad input (config, paths, data, checkpoints) ends with one line `moelab: error: 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -23,10 +24,14 @@ EXIT_USAGE = 2
 # Shared flags: the same names mean the same thing in every command
 
 
-def add_config_flags(p: argparse.ArgumentParser, with_config_file: bool = True) -> None:
-    if with_config_file:
+def add_config_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
+    """CONFIG and --preset (one model, or several with many=True), --set and --data."""
+    if many:
+        p.add_argument("config", nargs="*", help="TOML config files, one per model")
+        p.add_argument("--preset", action="append", help="a preset from configs/ (repeatable)")
+    else:
         p.add_argument("config", nargs="?", help="a TOML config file (default: the small-moe preset)")
-    p.add_argument("--preset", help="a preset from configs/ (small-moe, small-dense, tiny, ...)")
+        p.add_argument("--preset", help="a preset from configs/ (small-moe, small-dense, tiny, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one setting, e.g. --set model.moe.num_experts=16 (repeatable)")
     p.add_argument("--data", help="training text: a file, a directory, a .jsonl file, or 'stdlib' (the embedded corpus)")
 
@@ -209,12 +214,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def _command(sub, name: str, handler: Callable[[argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=summary, description=handler.__doc__, formatter_class=_Formatter)
+    description = inspect.cleandoc(handler.__doc__ or summary)
+    p = sub.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(handler=handler)
     return p
 
@@ -260,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable]:
     """Commands that live beside their subsystem (compare, diagnose, serve, export, ...)."""
-    return []
+    from moelab.analysis import cli as analysis_cli
+
+    return [analysis_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ class MoEConfig:
     routing: str = "token_choice"  # token_choice | expert_choice
     scoring: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # rescale the k chosen weights to sum to 1
+    route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3's routed scaling factor)
     capacity_factor: float | None = None  # None = dropless; else slots per expert / (T*k/E)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
@@ -83,6 +84,7 @@ class MoEConfig:
                 self.capacity_factor,
                 "a number > 0, or none for dropless routing",
             )
+        _check(math.isfinite(self.route_scale) and self.route_scale > 0, f"{prefix}.route_scale", self.route_scale, "a number > 0")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"{prefix}.{name}", value, "a number >= 0")

@@ -60,6 +60,7 @@ CASES = [
     # (D, T, kwargs)
     (32, 40, dict(num_experts=4, top_k=1, expert_hidden=16)),
     (32, 64, dict(num_experts=8, top_k=2, expert_hidden=24)),
+    (32, 64, dict(num_experts=8, top_k=2, expert_hidden=16, route_scale=2.5)),
     (48, 37, dict(num_experts=16, top_k=4, expert_hidden=8, renormalize=False)),
     (32, 50, dict(num_experts=8, top_k=3, expert_hidden=16, scoring="sigmoid")),
     (32, 50, dict(num_experts=6, top_k=2, expert_hidden=16, num_shared_experts=2, shared_expert_hidden=12)),

@@ -73,7 +73,7 @@ class Router(nn.Module):
         capacity = expert_capacity(T, cfg)
         if cfg.routing == "expert_choice":
             weight_EC, token_EC = scores_TE.t().topk(capacity, dim=-1)  # each expert takes its top-C tokens
-            plan = plan_expert_choice(token_EC, weight_EC, T)
+            plan = plan_expert_choice(token_EC, weight_EC * cfg.route_scale, T)
             slots = plan.tokens_per_expert_E
         else:
             select_TE = scores_TE
@@ -86,6 +86,8 @@ class Router(nn.Module):
             weight_TK = scores_TE.gather(1, expert_TK)
             if cfg.renormalize:
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            if cfg.route_scale != 1.0:
+                weight_TK = weight_TK * cfg.route_scale
             slots = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
             plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
         return Routing(plan=plan, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=slots)

@@ -110,7 +110,7 @@ class Trainer:
             self.run.create(cfg)
             self.data.tokenizer.save(self.run.tokenizer_path)
             write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
-        elif self.run.tokenizer_path.read_text() != self.data.tokenizer.to_json():
+        elif self.run.load_tokenizer().to_json() != self.data.tokenizer.to_json():
             raise MoelabError(f"the data's tokenizer differs from the one in {self.run.path}: the data changed since the run started")
 
         torch.manual_seed(cfg.train.seed)

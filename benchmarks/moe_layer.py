@@ -1,0 +1,180 @@
+"""MoE layer speed and memory against a dense SwiGLU of the same FLOPs, in one process.
+
+Configurations (DESIGN.md): coarse D=512 I=1024 E=8 k=2 and fine-grained D=512 I=256 E=64 k=8,
+T=4096 tokens, fp32. The dense reference is a SwiGLU of hidden size k*I. Forward is timed in eval
+mode (inference), forward+backward in train mode (with the router losses and statistics the trainer
+pays for). Where Hugging Face transformers is installed, its Mixtral and OLMoE sparse blocks (eager
+and grouped_mm experts) run in the same table. Timings are interleaved (every implementation once
+per round) and the median of the rounds is reported as a ratio to the dense reference. Peak memory
+is the growth of the resident set during one forward+backward, measured in a fresh subprocess per
+implementation.
+
+    python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--out benchmarks/results/moe_layer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from moelab.config import MoEConfig  # noqa: E402
+from moelab.model.mlp import SwiGLU  # noqa: E402
+from moelab.model.moe import MoE  # noqa: E402
+
+CONFIGS = {
+    "coarse": dict(D=512, I=1024, E=8, k=2),
+    "fine": dict(D=512, I=256, E=64, k=8),
+}
+
+
+def init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return module
+
+
+def build(name: str, c: dict) -> torch.nn.Module | None:
+    """A module mapping [1, T, D] -> [1, T, D] (or a tuple whose first item is that)."""
+    D, I, E, k = c["D"], c["I"], c["E"], c["k"]
+    if name == "dense":
+        return init_(SwiGLU(D, k * I), 0)
+    if name == "moelab":
+        return init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
+    if name == "moelab-padded":
+        m = init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
+        m.impl = "padded"
+        return m
+    try:
+        from transformers import MixtralConfig, OlmoeConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    except ImportError:
+        return None
+    family, impl = name.split(":")
+    if family == "hf-mixtral":
+        cfg = MixtralConfig(hidden_size=D, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+        cfg._experts_implementation = impl
+        return init_(MixtralSparseMoeBlock(cfg), 2)
+    cfg = OlmoeConfig(hidden_size=D, intermediate_size=I, num_experts=E, num_experts_per_tok=k, norm_topk_prob=False)
+    cfg._experts_implementation = impl
+    return init_(OlmoeSparseMoeBlock(cfg), 3)
+
+
+IMPLS = ["dense", "moelab", "moelab-padded", "hf-mixtral:eager", "hf-mixtral:grouped_mm", "hf-olmoe:eager", "hf-olmoe:grouped_mm"]
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def forward(module, x):
+    module.eval()
+    with torch.no_grad():
+        first(module(x))
+
+
+def forward_backward(module, x, grad):
+    module.train()
+    out = module(x)
+    loss = (first(out) * grad).sum()
+    if isinstance(out, tuple):
+        loss = loss + out[1]  # moelab's router losses
+    loss.backward()
+    for p in module.parameters():
+        p.grad = None
+
+
+def time_round(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def child_memory(impl: str, config: str, tokens: int) -> None:
+    """Run in a subprocess: print the resident-set growth of one forward+backward, in bytes."""
+    c = CONFIGS[config]
+    module = build(impl, c)
+    x = torch.randn(1, tokens, c["D"], generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    grad = torch.randn(1, tokens, c["D"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    forward_backward(module, x, grad)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_bytes": (after - before) * 1024}))
+
+
+def peak_memory(impl: str, config: str, tokens: int) -> int | None:
+    out = subprocess.run([sys.executable, __file__, "--child", impl, config, "--tokens", str(tokens)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--configs", default="coarse,fine")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
+    ap.add_argument("--child", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_memory(args.child[0], args.child[1], args.tokens)
+        return
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "tokens": args.tokens, "configs": {}}
+    try:
+        import transformers
+
+        results["transformers"] = transformers.__version__
+    except ImportError:
+        results["transformers"] = None
+    for config in args.configs.split(","):
+        c = CONFIGS[config]
+        modules = {name: m for name in IMPLS if (m := build(name, c)) is not None}
+        x = torch.randn(1, args.tokens, c["D"], generator=torch.Generator().manual_seed(4))
+        grad = torch.randn(1, args.tokens, c["D"], generator=torch.Generator().manual_seed(6))
+        fwd = {name: [] for name in modules}
+        fb = {name: [] for name in modules}
+        for name, m in modules.items():  # warm-up
+            forward(m, x)
+            forward_backward(m, x.clone().requires_grad_(True), grad)
+        for _ in range(args.rounds):
+            for name, m in modules.items():
+                fwd[name].append(time_round(lambda: forward(m, x)))
+                xg = x.clone().requires_grad_(True)
+                fb[name].append(time_round(lambda: forward_backward(m, xg, grad)))
+        median = lambda v: sorted(v)[len(v) // 2]
+        rows = {}
+        for name in modules:
+            rows[name] = {
+                "forward_s": median(fwd[name]),
+                "forward_backward_s": median(fb[name]),
+                "forward_ratio": median(fwd[name]) / median(fwd["dense"]),
+                "forward_backward_ratio": median(fb[name]) / median(fb["dense"]),
+                "peak_memory_bytes": peak_memory(name, config, args.tokens),
+            }
+        results["configs"][config] = {"shape": c, "rows": rows}
+        print(f"\n{config}: D={c['D']} I={c['I']} E={c['E']} k={c['k']} T={args.tokens} fp32, {results['threads']} threads, dense reference = SwiGLU hidden {c['k'] * c['I']}")
+        print(f"{'implementation':24s} {'fwd ms':>8s} {'fwd x':>7s} {'f+b ms':>8s} {'f+b x':>7s} {'peak MiB':>9s}")
+        for name, r in rows.items():
+            mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+            print(f"{name:24s} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:7.2f} {r['forward_backward_s'] * 1e3:8.1f} {r['forward_backward_ratio']:7.2f} {mem:>9s}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Analysis: dense-vs-sparse comparison, sweeps, scaling forecasts, run diagnosis and reports."""

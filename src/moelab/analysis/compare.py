@@ -1,0 +1,310 @@
+"""Dense vs sparse at matched compute: train a dense baseline and MoE variants on the same data, in
+the same order, with the same seed and budget, then report quality against cost.
+
+The pairing is explicit: `active` (default) gives the dense model the FLOPs per token of the MoE,
+`total` gives it the MoE's total parameter count. The budget is tokens, FLOPs or minutes per model.
+The headline number is the compute multiplier: the fraction of the dense model's training FLOPs at
+which the MoE first reached the dense model's final validation loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moelab.analysis.curves import compute_multiplier
+from moelab.config import RunConfig
+from moelab.errors import MoelabError
+from moelab.model import accounting as acc
+from moelab.rundir import RunDir, load_model, write_atomic
+
+DEFAULT_EVALS = 12  # evaluation points per learning curve
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # tokens | flops | minutes
+    amount: float
+
+    @staticmethod
+    def parse(text: str) -> "Budget":
+        """'tokens=2e6', 'flops=1.5e14' or 'minutes=10'."""
+        kind, _, value = text.partition("=")
+        kind = kind.strip().lower()
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = float("nan")
+        if kind not in ("tokens", "flops", "minutes") or not (amount > 0 and math.isfinite(amount)):
+            raise MoelabError(f"--budget {text!r} is not allowed: tokens=N, flops=N or minutes=N with N > 0 (e.g. tokens=2e6)")
+        return Budget(kind, amount)
+
+    def describe(self) -> str:
+        return {"tokens": f"{self.amount:.3g} tokens", "flops": f"{self.amount:.3g} training FLOPs", "minutes": f"{self.amount:g} minutes"}[self.kind] + " per model"
+
+
+def _moe_ffn_equivalent(cfg: RunConfig) -> tuple[float, float]:
+    """(active, total) FFN hidden size per layer of a dense model with the MoE's per-token FLOPs and
+    its parameter count, averaged over all layers (dense layers of the MoE model included)."""
+    m = cfg.model
+    moe = m.moe
+    D = m.d_model
+    active_sum = total_sum = 0.0
+    for layer in range(m.n_layers):
+        if m.is_moe_layer(layer):
+            extra = moe.num_experts * D + (D if moe.num_shared_experts and moe.shared_expert_gate else 0)  # router, gate
+            active_sum += moe.top_k * moe.expert_hidden + moe.shared_hidden_total + extra / (3 * D)
+            total_sum += moe.num_experts * moe.expert_hidden + moe.shared_hidden_total + extra / (3 * D)
+        else:
+            active_sum += m.ffn_hidden
+            total_sum += m.ffn_hidden
+    return active_sum / m.n_layers, total_sum / m.n_layers
+
+
+def dense_twin(cfg: RunConfig, match: str = "active") -> RunConfig:
+    """The dense model paired with an MoE config: same everything, every FFN dense, with the
+    hidden size that matches the MoE's FLOPs per token (`active`) or its total parameters (`total`)."""
+    if cfg.model.moe is None:
+        raise MoelabError("the model to compare against a dense twin must be an MoE (it has no [model.moe] section)")
+    if match not in ("active", "total"):
+        raise MoelabError(f"--match {match!r} is not allowed: active (same FLOPs per token) or total (same parameter count)")
+    active, total = _moe_ffn_equivalent(cfg)
+    twin = copy.deepcopy(cfg)
+    twin.model.moe = None
+    twin.model.ffn_hidden = max(1, round(active if match == "active" else total))
+    return twin.validate()
+
+
+def _tokens_per_step(cfg: RunConfig) -> int:
+    return cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+
+
+def measure_train_speed(cfg: RunConfig, steps: int = 3) -> float:
+    """Training tokens per second of a config on random tokens (for a minutes budget)."""
+    from moelab.model import Transformer
+    from moelab.train.schedule import build_optimizer
+    from moelab.train.trainer import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    mcfg = copy.deepcopy(cfg.model)
+    if mcfg.vocab_size == 0:
+        mcfg.vocab_size = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260
+    model = Transformer(mcfg).to(device)
+    opt = build_optimizer(model, cfg.train)
+    x = torch.randint(0, mcfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len), device=device)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, mcfg.vocab_size), x.reshape(-1)) + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return cfg.train.batch_size * cfg.data.seq_len / (sorted(times)[len(times) // 2])
+
+
+def apply_budget(cfg: RunConfig, budget: Budget, evals: int = DEFAULT_EVALS, speed: Callable[[RunConfig], float] = measure_train_speed) -> RunConfig:
+    """A copy of `cfg` whose max_steps spends the budget, with evenly spaced evaluations."""
+    cfg = copy.deepcopy(cfg)
+    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
+    per_step = _tokens_per_step(cfg)
+    if budget.kind == "tokens":
+        tokens = budget.amount
+    elif budget.kind == "flops":
+        tokens = budget.amount / acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
+    else:
+        # NOTE: evaluation takes time too; aim the schedule at 90% of the minutes and let
+        # max_minutes stop the run if the machine is slower than measured.
+        tokens = 0.9 * budget.amount * 60 * speed(cfg)
+        cfg.train.max_minutes = budget.amount
+    cfg.train.max_steps = max(1, int(tokens // per_step))
+    cfg.train.max_tokens = 0
+    cfg.train.eval_every = max(1, cfg.train.max_steps // evals)
+    cfg.train.checkpoint_every = max(cfg.train.eval_every, cfg.train.max_steps // 4)
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, cfg.train.max_steps // 10))
+    cfg.train.sample_tokens = 0
+    return cfg.validate()
+
+
+@torch.no_grad()
+def inference_tokens_per_s(run: Path, tokens: int = 64, repeats: int = 3) -> float:
+    """Decode speed at batch 1 with a KV cache (greedy), median of a few repeats."""
+    from moelab.model import KVCache
+
+    loaded = load_model(run, "cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model
+    device = next(model.parameters()).device
+    length = min(model.cfg.max_seq_len, tokens + 1)
+    rates = []
+    for _ in range(repeats):
+        cache = KVCache(model.cfg, 1, length, device, next(model.parameters()).dtype)
+        token = torch.tensor([[loaded.tokenizer.eos_id]], device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for position in range(length):
+            logits = model(token, positions_BT=torch.tensor([[position]], device=device), cache=cache).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(length / (time.perf_counter() - t0))
+    return sorted(rates)[len(rates) // 2]
+
+
+def eval_curve(run: Path) -> tuple[list[float], list[float], list[float]]:
+    """(training FLOPs, training seconds, validation loss) at each evaluation of a run."""
+    rows = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
+    return [r["flops"] for r in rows], [r["train_s"] for r in rows], [r["val_loss"] for r in rows]
+
+
+def _run_is_finished(run: Path, cfg: RunConfig) -> bool:
+    rd = RunDir(run)
+    summary = rd.read_summary()
+    if summary is None or not rd.is_run():
+        return False
+    saved = rd.load_config()
+    saved.model.vocab_size = cfg.model.vocab_size
+    return saved.to_dict() == cfg.to_dict() and summary.get("step") == cfg.train.max_steps
+
+
+def train_or_reuse(name: str, cfg: RunConfig, run: Path, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """Train `cfg` into `run` unless an identical finished run is there; resume an interrupted one."""
+    from moelab.train.trainer import Trainer
+
+    rd = RunDir(run)
+    if _run_is_finished(run, cfg):
+        log(f"[{name}] finished already in {run}: reusing it")
+        return rd.read_summary()
+    if rd.is_run() and rd.checkpoints():
+        saved = rd.load_config()
+        saved.model.vocab_size = 0
+        wanted = copy.deepcopy(cfg)
+        wanted.model.vocab_size = 0
+        if saved.to_dict() != wanted.to_dict():
+            raise MoelabError(f"{run} holds a run with another config; remove it or choose another --out")
+        log(f"[{name}] resuming the interrupted run in {run}")
+        trainer = Trainer(saved, run, resume=True, log=log, progress=progress)
+    else:
+        log(f"[{name}] training into {run}")
+        trainer = Trainer(cfg, run, log=log, progress=progress)
+    trainer.fit()
+    return rd.read_summary()
+
+
+def compare(
+    moe_cfgs: list[tuple[str, RunConfig]],
+    out: Path,
+    budget: Budget | None = None,
+    match: str = "active",
+    baseline: RunConfig | None = None,
+    evals: int = DEFAULT_EVALS,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reuse) the dense baseline and each MoE variant, then write compare.json, plots and
+    report.html into `out`. Returns the comparison as a dict."""
+    if not moe_cfgs:
+        raise MoelabError("compare needs at least one MoE config")
+    out = Path(out)
+    first_name, first = moe_cfgs[0]
+    dense = baseline if baseline is not None else dense_twin(first, match)
+    if dense.model.moe is not None:
+        raise MoelabError("the baseline config must be dense (no [model.moe] section)")
+    if budget is None:
+        budget = Budget("flops", first.train.max_steps * _tokens_per_step(first) * acc.train_flops_per_token(first.model, first.data.seq_len, first.model.vocab_size or (first.data.vocab_size if first.data.tokenizer == "bpe" else 260)))
+    models = [("dense", dense)] + moe_cfgs
+    for name, cfg in models[1:]:
+        if cfg.data != dense.data or cfg.train.seed != dense.train.seed:
+            raise MoelabError(f"variant {name} must use the same data and seed as the baseline (set them with --set for all models)")
+    out.mkdir(parents=True, exist_ok=True)
+    planned = [(name, apply_budget(cfg, budget, evals)) for name, cfg in models]
+    write_atomic(out / "plan.json", json.dumps({"budget": budget.__dict__, "match": match, "models": {n: c.to_dict() for n, c in planned}}, indent=1))
+    results: dict[str, Any] = {"budget": budget.__dict__, "budget_text": budget.describe(), "match": match, "models": {}}
+    for name, cfg in planned:
+        run = out / "runs" / name
+        summary = train_or_reuse(name, cfg, run, log, progress)
+        flops, seconds, losses = eval_curve(run)
+        vocab = summary["params"]
+        results["models"][name] = {
+            "run": str(run),
+            "kind": "dense" if cfg.model.moe is None else "moe",
+            "architecture": describe_architecture(cfg),
+            "total_params": vocab["total"],
+            "active_params": vocab["active"],
+            "train_flops_per_token": summary["train_flops_per_token"],
+            "train_flops": summary["flops"],
+            "tokens": summary["tokens"],
+            "tokens_per_s": summary["tokens_per_s"],
+            "train_s": summary["train_s"],
+            "wall_s": summary["wall_s"],
+            "peak_memory_bytes": summary["peak_memory_bytes"],
+            "val_loss": summary["val_loss"],
+            "val_ppl": summary["val_ppl"],
+            "inference_tokens_per_s": inference_tokens_per_s(run),
+            "curve": {"flops": flops, "train_s": seconds, "val_loss": losses},
+        }
+    base = results["models"]["dense"]
+    for name, r in results["models"].items():
+        if name == "dense":
+            continue
+        c = r["curve"]
+        r["compute_multiplier"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], c["flops"], c["val_loss"])
+        r["loss_gap"] = r["val_loss"] - base["val_loss"]
+    results["verdicts"] = verdicts(results)
+    write_atomic(out / "compare.json", json.dumps(results, indent=1))
+    from moelab.analysis.plots import compare_plots
+    from moelab.analysis.render import render_compare
+
+    plots = compare_plots(results, out)
+    (out / "report.html").write_text(render_compare(results, plots))
+    return results
+
+
+def describe_architecture(cfg: RunConfig) -> str:
+    m = cfg.model
+    base = f"{m.n_layers}L d{m.d_model}"
+    if m.moe is None:
+        return f"{base} dense FFN {m.ffn_hidden}"
+    moe = m.moe
+    parts = [f"E={moe.num_experts} k={moe.top_k} I={moe.expert_hidden}"]
+    if moe.num_shared_experts:
+        parts.append(f"+{moe.num_shared_experts} shared ({moe.shared_expert_hidden or moe.expert_hidden})")
+    if moe.routing == "expert_choice":
+        parts.append("expert choice")
+    return f"{base} MoE " + " ".join(parts)
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """One plain sentence per MoE variant, and whether it is good or bad news."""
+    base = results["models"]["dense"]
+    out = {}
+    for name, r in results["models"].items():
+        if name == "dense":
+            continue
+        mult = r["compute_multiplier"]
+        if mult is None:
+            text = (
+                f"{name} did NOT reach the dense model's final validation loss ({base['val_loss']:.4f}) within the same budget: "
+                f"it ended at {r['val_loss']:.4f} ({r['loss_gap']:+.4f}). At this budget, sparsity did not pay off."
+            )
+            kind = "bad"
+        elif mult <= 1.0:
+            text = (
+                f"{name} reached the dense model's final validation loss ({base['val_loss']:.4f}) with {mult:.0%} of the dense "
+                f"training FLOPs (compute multiplier {mult:.2f}) and ended {abs(r['loss_gap']):.4f} nats lower."
+            )
+            kind = "good" if mult <= 0.9 else "warn"
+        else:
+            text = f"{name} needed {mult:.2f}x the dense training FLOPs to match the dense model: sparsity did not pay off."
+            kind = "bad"
+        out[name] = {"text": text, "kind": kind}
+    return out

@@ -1,0 +1,92 @@
+"""The ladder behind a scaling forecast: dense and MoE runs at several widths and token budgets,
+trained (or reused), fitted with moelab.analysis.scaling, and extrapolated to a larger budget."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from moelab.analysis.compare import Budget, apply_budget, dense_twin, train_or_reuse
+from moelab.analysis.scaling import Point, bootstrap, fit_law, forecast
+from moelab.config import RunConfig
+from moelab.errors import MoelabError
+from moelab.rundir import write_atomic
+
+
+def _scaled(value: int, factor: float, multiple: int = 8) -> int:
+    return max(multiple, int(round(value * factor / multiple)) * multiple)
+
+
+def scale_width(base: RunConfig, width: int) -> RunConfig:
+    """The base model at another width: head size kept, heads, FFN and expert sizes scaled."""
+    cfg = copy.deepcopy(base)
+    m = cfg.model
+    factor = width / m.d_model
+    head_dim = m.resolved_head_dim
+    if width % head_dim:
+        raise MoelabError(f"ladder width {width} is not a multiple of the head size {head_dim}")
+    group = m.n_heads // m.kv_heads
+    m.n_heads = width // head_dim
+    m.n_kv_heads = max(1, m.n_heads // group) if m.n_kv_heads else 0
+    m.head_dim = 0 if m.head_dim == 0 else head_dim
+    m.d_model = width
+    m.ffn_hidden = _scaled(m.ffn_hidden, factor)
+    if m.moe is not None:
+        m.moe.expert_hidden = _scaled(m.moe.expert_hidden, factor)
+        if m.moe.shared_expert_hidden:
+            m.moe.shared_expert_hidden = _scaled(m.moe.shared_expert_hidden, factor)
+    return cfg.validate()
+
+
+def ladder_configs(base: RunConfig, widths: list[int], tokens: list[float], evals: int = 4) -> list[tuple[str, RunConfig]]:
+    if base.model.moe is None:
+        raise MoelabError("the forecast ladder needs an MoE base config (its dense twin is derived)")
+    runs = []
+    for width in widths:
+        moe = scale_width(base, width)
+        for name, cfg in (("dense", dense_twin(moe)), ("moe", moe)):
+            for count in tokens:
+                label = f"{name}-w{width}-t{count:.3g}"
+                runs.append((label, apply_budget(cfg, Budget("tokens", count), evals)))
+    return runs
+
+
+def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Path, log: Callable[[str], None] = print, progress: bool = True) -> list[Point]:
+    points = []
+    for label, cfg in ladder_configs(base, widths, tokens):
+        summary = train_or_reuse(label, cfg, Path(out) / "runs" / label, log, progress)
+        vocab = summary["params"]
+        moe = cfg.model.moe
+        points.append(Point(
+            N=float(vocab["active_non_embedding"]),
+            D=float(summary["tokens"]),
+            E=float(moe.num_experts if moe else 1),
+            loss=float(summary["val_loss"]),
+            label=label,
+        ))
+    return points
+
+
+def forecast_report(points: list[Point], target_params: float, target_tokens: float, experts: float, samples: int, out: Path) -> dict[str, Any]:
+    fit = bootstrap(points, fit_law(points), samples=samples)
+    result = forecast(fit, points, target_params, target_tokens, experts)
+    data = {
+        "points": [p.__dict__ for p in points],
+        "law": fit.law.to_dict(),
+        "spread_95": fit.spread(),
+        "r2": fit.r2,
+        "rmse_log": fit.rmse_log,
+        "bootstrap_fits": len(fit.bootstrap),
+        "forecast": result.to_dict(),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "forecast.json", json.dumps(data, indent=1))
+    from moelab.analysis.plots import scaling_plots
+    from moelab.analysis.render import render_forecast
+
+    plots = scaling_plots(points, fit.law, result, out)
+    (out / "report.html").write_text(render_forecast(data, plots))
+    return data

@@ -1,0 +1,117 @@
+"""PNG plots for the reports, drawn with matplotlib's object API (no pyplot global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def new_figure(width: float = 6.4, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def save(fig, path: Path) -> Path:
+    fig.savefig(path)
+    return path
+
+
+def compare_plots(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
+    """Validation loss against training FLOPs and against training time, one line per model."""
+    plots = []
+    dense_final = results["models"]["dense"]["val_loss"]
+    for key, xlabel, filename, caption in (
+        ("flops", "training FLOPs", "loss_vs_flops.png", "Validation loss vs training FLOPs (dashed: the dense model's final loss)"),
+        ("train_s", "training time (s)", "loss_vs_time.png", "Validation loss vs training wall time"),
+    ):
+        fig, ax = new_figure()
+        for i, (name, r) in enumerate(results["models"].items()):
+            c = r["curve"]
+            xs, ys = c[key], c["val_loss"]
+            points = [(x, y) for x, y in zip(xs, ys) if x > 0]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=COLORS[i % len(COLORS)], label=f"{name}: {r['architecture']}")
+        ax.axhline(dense_final, color="#555", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        _zoom(ax, [y for r in results["models"].values() for y in r["curve"]["val_loss"][1:]])
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        plots.append((save(fig, out / filename), caption))
+    return plots
+
+
+def _zoom(ax, ys: Sequence[float]) -> None:
+    """Keep the interesting part of a learning curve: drop the first evaluation's spike."""
+    if len(ys) >= 2:
+        lo, hi = min(ys), sorted(ys)[int(0.8 * (len(ys) - 1))]
+        pad = 0.08 * (hi - lo + 1e-9)
+        ax.set_ylim(lo - pad, hi + 4 * pad)
+
+
+def tradeoff_plots(rows: list[dict[str, Any]], out: Path, costs: Sequence[tuple[str, str, bool]]) -> list[tuple[Path, str]]:
+    """Quality (validation loss) against each cost; Pareto-optimal points circled and joined.
+    costs: (row key, axis label, higher-is-better) — throughput is converted to seconds per token."""
+    from moelab.analysis.curves import pareto_front
+
+    plots = []
+    for key, label, higher_better in costs:
+        pts = [((1.0 / r[key]) if higher_better else r[key], r["val_loss"]) for r in rows]
+        front = pareto_front(pts)
+        fig, ax = new_figure(5.2, 3.8)
+        for i, r in enumerate(rows):
+            ax.scatter(pts[i][0], pts[i][1], color=COLORS[i % len(COLORS)], s=30, zorder=3)
+            ax.annotate(r["label"], pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="#2e9e5b", lw=1.5, zorder=2, label="Pareto frontier")
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=110, facecolors="none", edgecolors="#2e9e5b", zorder=4)
+        ax.set_xlabel(("seconds per token (1 / " + label + ")") if higher_better else label)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        name = f"pareto_{key}.png"
+        plots.append((save(fig, out / name), f"Validation loss vs {label}; circled: Pareto-optimal"))
+    return plots
+
+
+def scaling_plots(points, law, result, out: Path) -> list[tuple[Path, str]]:
+    """Fitted law against the ladder's runs (loss vs active parameters, one line per architecture
+    and token budget), extended to the forecast target."""
+    import numpy as np
+
+    fig, ax = new_figure()
+    budgets = sorted({p.D for p in points})
+    n_lo = min(p.N for p in points) / 1.5
+    n_hi = max(max(p.N for p in points) * 1.5, result.N * 1.2)
+    grid = np.logspace(np.log10(n_lo), np.log10(n_hi), 80)
+    moe_E = max(p.E for p in points)
+    for i, D in enumerate(budgets):
+        color = COLORS[i % len(COLORS)]
+        for E, style, marker in ((1.0, "-", "o"), (moe_E, "--", "s")):
+            pts = [p for p in points if p.D == D and p.E == E]
+            ax.scatter([p.N for p in pts], [p.loss for p in pts], color=color, marker=marker, s=25, zorder=3)
+            ax.plot(grid, law.loss(grid, D, E), style, color=color, lw=1, label=f"{'dense' if E == 1 else f'MoE E={E:g}'}, {D:.2g} tokens")
+    ax.scatter([result.N], [result.dense], marker="*", s=120, color="black", zorder=4, label="forecast: dense")
+    ax.scatter([result.N], [result.moe], marker="*", s=120, color="#d62728", zorder=4, label="forecast: MoE")
+    ax.errorbar([result.N, result.N], [result.dense, result.moe], yerr=[[result.dense - result.dense_ci[0], result.moe - result.moe_ci[0]], [result.dense_ci[1] - result.dense, result.moe_ci[1] - result.moe]], fmt="none", ecolor="#555", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("active non-embedding parameters")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    plots = [(save(fig, out / "scaling_fit.png"), f"Fitted law (lines) against ladder runs (points); stars: forecast at {result.N:.3g} parameters, {result.D:.3g} tokens (the forecast's own token count; lines use each ladder budget)")]
+    fig, ax = new_figure(5.2, 3.6)
+    pred = [float(law.loss(p.N, p.D, p.E)) for p in points]
+    ax.scatter(pred, [p.loss for p in points], color=COLORS[0])
+    lo, hi = min(pred + [p.loss for p in points]), max(pred + [p.loss for p in points])
+    ax.plot([lo, hi], [lo, hi], color="#888", lw=0.8)
+    ax.set_xlabel("fitted loss")
+    ax.set_ylabel("measured loss")
+    ax.grid(alpha=0.3)
+    plots.append((save(fig, out / "scaling_residuals.png"), "Measured against fitted loss for every ladder run"))
+    return plots

@@ -1,0 +1,163 @@
+"""Terminal tables and HTML pages for compare and sweep results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moelab.analysis import report
+from moelab.train.progress import format_count, format_duration
+
+
+def _mult(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}"
+
+
+COMPARE_HEADERS = [
+    "model", "architecture", "total params", "active params", "train FLOPs/token", "train tok/s", "wall time",
+    "peak memory", "val loss", "val ppl", "infer tok/s (batch 1)", "compute multiplier",
+]
+
+
+def compare_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, r in results["models"].items():
+        rows.append([
+            name,
+            r["architecture"],
+            format_count(r["total_params"]),
+            format_count(r["active_params"]),
+            format_count(r["train_flops_per_token"]),
+            format_count(r["tokens_per_s"]),
+            format_duration(r["wall_s"]),
+            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+            f"{r['val_loss']:.4f}",
+            f"{r['val_ppl']:.2f}",
+            f"{r['inference_tokens_per_s']:.0f}",
+            "baseline" if name == "dense" else _mult(r.get("compute_multiplier")),
+        ])
+    return rows
+
+
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def compare_text(results: dict[str, Any]) -> str:
+    lines = [f"budget: {results['budget_text']}, pairing: matched {'active compute' if results['match'] == 'active' else 'total parameters'}", ""]
+    lines.append(text_table(COMPARE_HEADERS, compare_rows(results)))
+    lines.append("")
+    lines += [v["text"] for v in results["verdicts"].values()]
+    return "\n".join(lines)
+
+
+def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
+    pairing = "matched active compute (same FLOPs per token)" if results["match"] == "active" else "matched total parameters"
+    verdict_html = "".join(report.verdict(v["text"], v["kind"]) for v in results["verdicts"].values())
+    notes = report.paragraph(
+        "Compute multiplier: the fraction of the dense model's training FLOPs at which the MoE first reached the dense "
+        "model's final validation loss, interpolated between evaluations. Below 1, the MoE buys the dense quality for "
+        "less compute; 'not reached' means it never got there within its budget. All models saw the same data in the "
+        "same order with the same seed."
+    )
+    return report.page(
+        "moelab compare: dense vs sparse",
+        f"budget {results['budget_text']}; pairing: {pairing}",
+        [
+            ("", verdict_html),
+            ("Models", report.table(COMPARE_HEADERS, compare_rows(results)) + notes),
+            ("Learning curves", report.figures(plots)),
+        ],
+    )
+
+
+SWEEP_HEADERS = ["point", "E", "G (=k)", "I", "total params", "val loss", "train tok/s", "infer tok/s", "peak memory", "Pareto-optimal for"]
+
+
+def sweep_rows(results: dict[str, Any]) -> list[list[str]]:
+    names = {"total_params": "params", "peak_memory_bytes": "memory", "tokens_per_s": "train speed", "inference_tokens_per_s": "infer speed"}
+    rows = []
+    for r in results["rows"]:
+        optimal = [names[k] for k, labels in results["pareto"].items() if r["label"] in labels]
+        rows.append([
+            r["label"], str(r["experts"]), str(r["granularity"]), str(r["expert_hidden"]), format_count(r["total_params"]),
+            f"{r['val_loss']:.4f}", format_count(r["tokens_per_s"]), f"{r['inference_tokens_per_s']:.0f}",
+            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", ", ".join(optimal) or "-",
+        ])
+    return rows
+
+
+def sweep_text(results: dict[str, Any]) -> str:
+    lines = [f"budget: {results['budget_text']}, fixed active compute", "", text_table(SWEEP_HEADERS, sweep_rows(results)), ""]
+    lines.append(f"lowest validation loss: {results['best']}")
+    lines += [f"skipped {s}" for s in results["skipped"]]
+    return "\n".join(lines)
+
+
+def render_sweep(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
+    best = next(r for r in results["rows"] if r["label"] == results["best"])
+    worst = max(results["rows"], key=lambda r: r["val_loss"])
+    summary = (
+        f"Lowest validation loss: {best['label']} ({best['val_loss']:.4f}, {format_count(best['total_params'])} parameters); "
+        f"highest: {worst['label']} ({worst['val_loss']:.4f}). Every point spends the same FLOPs per token."
+    )
+    skipped = report.paragraph("Skipped: " + "; ".join(results["skipped"])) if results["skipped"] else ""
+    return report.page(
+        "moelab sweep: experts and granularity at fixed active compute",
+        f"budget {results['budget_text']}",
+        [
+            ("", report.verdict(summary, "good")),
+            ("Points", report.table(SWEEP_HEADERS, sweep_rows(results)) + skipped),
+            ("Quality against cost", report.figures(plots)),
+        ],
+    )
+
+
+def forecast_text(data: dict[str, Any]) -> str:
+    f = data["forecast"]
+    law = data["law"]
+    spread = data["spread_95"]
+    lines = ["fitted law: L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0)) + B D^-beta", ""]
+    for name in ("c", "a", "alpha", "b", "g", "B", "beta"):
+        lo, hi = spread.get(name, (float("nan"), float("nan")))
+        lines.append(f"  {name:6s} {law[name]:10.4g}   95% bootstrap interval [{lo:.4g}, {hi:.4g}]")
+    lines.append(f"  N0     {law['n0']:10.4g}   R^2 {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, {len(data['points'])} runs, {data['bootstrap_fits']} bootstrap fits")
+    lines += [
+        "",
+        f"forecast at N = {f['N']:.3g} active parameters, D = {f['D']:.3g} tokens, E = {f['E']:g} experts:",
+        f"  dense  {f['dense']:.4f}  (90% [{f['dense_ci'][0]:.4f}, {f['dense_ci'][1]:.4f}])",
+        f"  MoE    {f['moe']:.4f}  (90% [{f['moe_ci'][0]:.4f}, {f['moe_ci'][1]:.4f}])",
+        f"  MoE advantage {f['advantage']:+.4f} nats (90% [{f['advantage_ci'][0]:+.4f}, {f['advantage_ci'][1]:+.4f}])",
+        "",
+        f"The MoE advantage is predicted to {f['trend'].upper()}: {f['why']}.",
+    ]
+    lines += [f"WARNING: {w}" for w in f["warnings"]]
+    return "\n".join(lines)
+
+
+def render_forecast(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
+    f = data["forecast"]
+    kind = {"grows": "good", "holds": "good", "shrinks": "warn", "flips": "bad"}[f["trend"]]
+    warnings = "".join(report.verdict("Warning: " + w, "warn") for w in f["warnings"])
+    law = data["law"]
+    rows = [[n, f"{law[n]:.4g}", *(f"{v:.4g}" for v in data["spread_95"].get(n, (float('nan'), float('nan'))))] for n in ("c", "a", "alpha", "b", "g", "B", "beta")]
+    runs = [[p["label"], f"{p['N']:.3g}", f"{p['D']:.3g}", f"{p['E']:g}", f"{p['loss']:.4f}"] for p in data["points"]]
+    return report.page(
+        "moelab forecast: will the MoE advantage survive a larger budget?",
+        f"target: {f['N']:.3g} active parameters, {f['D']:.3g} tokens, {f['E']:g} experts",
+        [
+            ("", report.verdict(f"The MoE advantage is predicted to {f['trend']}: {f['why']}.", kind) + warnings),
+            ("Forecast", report.table(["model", "loss", "90% low", "90% high"], [
+                ["dense", f"{f['dense']:.4f}", f"{f['dense_ci'][0]:.4f}", f"{f['dense_ci'][1]:.4f}"],
+                ["MoE", f"{f['moe']:.4f}", f"{f['moe_ci'][0]:.4f}", f"{f['moe_ci'][1]:.4f}"],
+                ["advantage (dense - MoE)", f"{f['advantage']:+.4f}", f"{f['advantage_ci'][0]:+.4f}", f"{f['advantage_ci'][1]:+.4f}"],
+            ])),
+            ("Fitted law", report.paragraph("L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0)) + B D^-beta, fitted on log loss; intervals from refits on resampled runs.")
+             + report.table(["constant", "value", "95% low", "95% high"], rows)
+             + report.paragraph(f"R^2 = {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, N0 = {law['n0']:.4g}.")),
+            ("Fit and ladder", report.figures(plots)),
+            ("Ladder runs", report.table(["run", "active params N", "tokens D", "experts E", "final val loss"], runs)),
+        ],
+    )

@@ -1,0 +1,100 @@
+"""compare, sweep and forecast end to end on the tiny preset: outputs, pairing, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moelab.analysis.compare import Budget, dense_twin
+from moelab.analysis.curves import compute_multiplier
+from moelab.cli import main
+from moelab.config import load_config
+from moelab.errors import MoelabError
+from moelab.model import accounting as acc
+
+
+def test_dense_twin_matches_active_flops_or_total_params() -> None:
+    moe = load_config(preset="small-moe")
+    vocab = 2048
+    twin = dense_twin(moe, "active")
+    assert twin.model.moe is None
+    flops_moe = acc.train_flops_per_token(moe.model, moe.data.seq_len, vocab)
+    flops_dense = acc.train_flops_per_token(twin.model, twin.data.seq_len, vocab)
+    assert abs(flops_dense - flops_moe) / flops_moe < 0.005
+    total = dense_twin(moe, "total")
+    p_moe, p_dense = acc.param_counts(moe.model, vocab).total, acc.param_counts(total.model, vocab).total
+    assert abs(p_dense - p_moe) / p_moe < 0.005
+    with pytest.raises(MoelabError, match="must be an MoE"):
+        dense_twin(twin)
+
+
+def test_budget_parsing() -> None:
+    assert Budget.parse("tokens=2e6") == Budget("tokens", 2e6)
+    assert Budget.parse("minutes=1.5").kind == "minutes"
+    for bad in ("tokens", "flops=-1", "hours=2", "tokens=abc"):
+        with pytest.raises(MoelabError, match="--budget"):
+            Budget.parse(bad)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_resume(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--budget", "tokens=12288", "--evals", "4", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "compute multiplier" in text and "report:" in text
+    results = json.loads((out / "compare.json").read_text())
+    dense, moe = results["models"]["dense"], results["models"]["tiny"]
+    assert dense["kind"] == "dense" and moe["kind"] == "moe"
+    assert dense["tokens"] == moe["tokens"] == 12288  # same budget in tokens (24 steps of 512)
+    assert abs(dense["train_flops_per_token"] - moe["train_flops_per_token"]) / dense["train_flops_per_token"] < 0.01
+    assert moe["total_params"] > dense["total_params"]
+    expected = compute_multiplier(dense["curve"]["flops"], dense["curve"]["val_loss"], moe["curve"]["flops"], moe["curve"]["val_loss"])
+    assert moe["compute_multiplier"] == expected
+    for name in ("report.html", "loss_vs_flops.png", "loss_vs_time.png"):
+        assert (out / name).stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "compute multiplier" in html.lower()
+    # a second invocation reuses both finished runs
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert main(argv) == 0
+    assert "reusing" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == stamps
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--preset", "tiny", "--experts", "1,2,4", "--granularity", "1,2", "--budget", "tokens=4096", "--evals", "2", "--out", str(out), "--quiet"])
+    assert code == 0
+    results = json.loads((out / "sweep.json").read_text())
+    labels = {r["label"] for r in results["rows"]}
+    assert labels == {"E1-G1", "E2-G1", "E4-G1", "E2-G2", "E4-G2"}
+    assert any("E1-G2" in s for s in results["skipped"])
+    flops = {r["train_flops_per_token"] for r in results["rows"]}
+    assert (max(flops) - min(flops)) / min(flops) < 0.01  # fixed active compute (router aside)
+    for key, front in results["pareto"].items():
+        assert front, key
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+@pytest.mark.slow
+def test_forecast_ladder_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "fc"
+    code = main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,6144", "--target-params", "1e9", "--target-tokens", "2e10", "--bootstrap", "5", "--out", str(out), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "predicted to" in text and "WARNING: extrapolation" in text
+    data = json.loads((out / "forecast.json").read_text())
+    assert len(data["points"]) == 8
+    assert data["forecast"]["trend"] in ("grows", "shrinks", "flips", "holds")
+
+
+def test_compare_bad_input(capsys, tmp_path) -> None:
+    assert main(["compare", "--preset", "small-dense", "--out", str(tmp_path / "x")]) == 2
+    assert "must be an MoE" in capsys.readouterr().err
+    assert main(["compare", "--preset", "tiny", "--budget", "weeks=2", "--out", str(tmp_path / "x")]) == 2
+    assert "--budget" in capsys.readouterr().err
+    assert main(["sweep", "--preset", "tiny", "--experts", "0,4"]) == 2
+    assert "--experts" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""The CLI: bad input gets one clear line and exit code 2 and leaves nothing behind; the
+commands work on a trained run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moelab.cli import main
+
+TINY = ["--preset", "tiny", "--quiet"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("moelab: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_preset(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "train", "--preset", "huge", "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "--preset = 'huge'", "small-moe", "tiny")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_config_key_and_wrong_type(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "train", *TINY, "--set", "model.moe.experts=4", "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "model.moe.experts", "num_experts")
+    code, _, err = run_cli(capsys, "train", *TINY, "--set", "train.batch_size=big", "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "train.batch_size = 'big'", "an integer")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nd_model = 3")
+    code, _, err = run_cli(capsys, "train", str(bad), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, str(bad), "not valid TOML")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_and_empty_data(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "nope.txt", "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(empty), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "holds no text")
+    empty_dir = tmp_path / "empty_dir"
+    empty_dir.mkdir()
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(empty_dir), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "no files", "data.glob")
+    assert not (tmp_path / "r").exists()
+
+
+def test_corpus_smaller_than_one_batch(capsys, tmp_path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(f"line {i} of a very small corpus" for i in range(40)))
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(small), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "fewer than one batch")
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_utf8_bytes(capsys, tmp_path) -> None:
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(("caf\u00e9 " * 50).encode("latin-1"))
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(data), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, str(data), "not UTF-8", "0xe9", "offset 3")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_dir_holding_another_run_is_untouched(capsys, tmp_path, tiny_run) -> None:
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    code, _, err = run_cli(capsys, "train", *TINY, "--out", str(tiny_run))
+    assert_usage_error(code, err, str(tiny_run), "holds another run", "--resume")
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", *TINY, "--out", str(other))
+    assert_usage_error(code, err, "not empty")
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_resume_refuses_model_changes(capsys, tiny_run) -> None:
+    code, _, err = run_cli(capsys, "train", "--out", str(tiny_run), "--resume", "--set", "model.d_model=32")
+    assert_usage_error(code, err, "model.d_model", "train.*")
+
+
+def test_jsonl_without_the_field(capsys, tmp_path) -> None:
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "hello"}\n{"body": "no text field"}\n')
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(data), "--out", str(tmp_path / "r"))
+    assert_usage_error(code, err, "docs.jsonl line 2", "'text'")
+
+
+def test_eval_generate_info_on_a_run(capsys, tiny_run) -> None:
+    code, out, _ = run_cli(capsys, "eval", str(tiny_run), "--json", "--batches", "2")
+    assert code == 0
+    result = json.loads(out)
+    assert 0 < result["val_loss"] < 6 and result["step"] == 24
+    code, out, _ = run_cli(capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0")
+    assert code == 0 and out.startswith("import ")
+    code, again, _ = run_cli(capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0")
+    assert again == out  # greedy is deterministic
+    code, out, _ = run_cli(capsys, "info", str(tiny_run), "--json")
+    info = json.loads(out)
+    assert info["params"]["total"] > info["params"]["active"] > 0
+    code, out, _ = run_cli(capsys, "info", "--preset", "small-dense")
+    assert code == 0 and "active parameters" in out
+
+
+def test_generate_bad_input(capsys, tiny_run, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "generate", str(tiny_run), "--prompt", "x", "--top-p", "1.5")
+    assert_usage_error(code, err, "top_p = 1.5")
+    code, _, err = run_cli(capsys, "generate", str(tmp_path), "--prompt", "x")
+    assert_usage_error(code, err, "not a moelab run directory")
+    code, _, err = run_cli(capsys, "generate", str(tiny_run), "--prompt", "x" * 500)
+    assert_usage_error(code, err, "context window is 64")
