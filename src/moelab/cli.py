@@ -263,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable]:
     """Commands that live beside their subsystem (compare, diagnose, serve, export, ...)."""
     from moelab.analysis import cli as analysis_cli
+    from moelab.analysis import diagnose_cli
+    from moelab.infer import cli as infer_cli
+    from moelab.interop import cli as interop_cli
 
-    return [analysis_cli.register]
+    return [analysis_cli.register, diagnose_cli.register, infer_cli.register, interop_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:
