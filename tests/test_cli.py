@@ -60,8 +60,8 @@ def test_missing_and_empty_data(capsys, tmp_path) -> None:
 
 def test_corpus_smaller_than_one_batch(capsys, tmp_path) -> None:
     small = tmp_path / "small.txt"
-    small.write_text("\n".join(f"line {i} of a very small corpus" for i in range(40)))
-    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(small), "--out", str(tmp_path / "r"))
+    small.write_text("\n".join(f"line {i} of a very small corpus" for i in range(80)))  # ~2.6 kB
+    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(small), "--set", "train.batch_size=64", "--out", str(tmp_path / "r"))
     assert_usage_error(code, err, "fewer than one batch")
     assert not (tmp_path / "r").exists()
 

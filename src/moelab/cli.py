@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -84,13 +85,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise MoelabError("--resume needs the run: give --out RUN_DIR (or --resume CHECKPOINT_DIR)")
         resume = True if args.resume is True else Path(args.resume)
         out = Path(args.out) if args.out else Path(args.resume).parent.parent
-        if args.config or args.preset or args.data:
-            raise MoelabError("--resume continues the run with its saved config; only --set train.* / monitor.* and --max-minutes may change")
-        cfg = RunDir(out).load_config()
+        if args.config or args.preset:
+            raise MoelabError("--resume continues the run with its saved config; only --set train.* / monitor.* / parallel.* and --max-minutes may change")
+        run = RunDir(out)
+        cfg = run.load_config()
         overrides = config_overrides(args)
-        bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(("train.", "monitor."))]
+        # NOTE (distributed): parallel.* may change, so that a run resumes at another world size.
+        changeable = ("train.", "monitor.", "parallel.")
+        checkpoints = run.checkpoints()
+        if checkpoints and checkpoints[-1].name == "step_0000000":
+            # An imported or upcycled run (or one stopped before its first step) has read no data
+            # yet: it may be pointed at other data.
+            changeable += ("data.",)
+        bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(changeable)]
         if bad:
-            raise MoelabError(f"--set {bad[0]} cannot change a resumed run; only train.* and monitor.* settings may change")
+            allowed = ", ".join(c + "*" for c in changeable)
+            raise MoelabError(f"--set {bad[0]} cannot change a resumed run; only {allowed} settings (and --data before the first step) may change")
         if overrides:
             from moelab.config import apply_overrides, build_config
 
@@ -101,9 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out(args.preset or (Path(args.config).stem if args.config else "small-moe"))
     trainer = Trainer(cfg, out, resume=resume, log=log_err, progress=not args.quiet)
     result = trainer.fit()
-    print(describe_result(result))
-    if result.sample:
-        print("sample: def " + result.sample)
+    if trainer.is_main:  # (distributed) rank 0 reports for the whole run
+        print(describe_result(result))
+        if result.sample:
+            print("sample: def " + result.sample)
     return 0
 
 
@@ -279,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except MoelabError as exc:
-        log_err(f"moelab: error: {exc}")
+        # NOTE (distributed): under torchrun every rank meets the same bad input; rank 0 says it once.
+        if os.environ.get("RANK", "0") == "0":
+            log_err(f"moelab: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         log_err("moelab: interrupted")

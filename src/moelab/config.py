@@ -23,10 +23,11 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 ROUTING_CHOICES = ("token_choice", "expert_choice")
 SCORING_CHOICES = ("softmax", "sigmoid")
-TOKENIZER_CHOICES = ("bpe", "bytes")
+TOKENIZER_CHOICES = ("bpe", "bytes", "file")
 SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+QK_NORM_CHOICES = ("none", "head", "full")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0 = off
     jitter: float = 0.0  # multiplicative noise on the router input while training
     router_init_std: float | None = None  # None = model init_std
+    lr_scale: float = 1.0  # learning-rate multiplier for the router and routed experts
     every: int = 1  # an MoE layer every n-th layer (layer i is MoE when (i+1) % every == 0)
     first_dense: int = 0  # the first m layers keep a dense FFN (DeepSeek-MoE)
 
@@ -85,6 +87,7 @@ class MoEConfig:
                 "a number > 0, or none for dropless routing",
             )
         _check(math.isfinite(self.route_scale) and self.route_scale > 0, f"{prefix}.route_scale", self.route_scale, "a number > 0")
+        _check(math.isfinite(self.lr_scale) and self.lr_scale > 0, f"{prefix}.lr_scale", self.lr_scale, "a number > 0")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"{prefix}.{name}", value, "a number >= 0")
@@ -116,6 +119,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Attention options of some Hugging Face architectures (moelab.interop); off by default.
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
+    qk_norm: str = "none"  # RMSNorm of queries and keys before rotary: none | head (per head, Qwen3-MoE) | full (OLMoE)
     moe: MoEConfig | None = None
 
     def validate(self, prefix: str = "model") -> None:
@@ -144,6 +150,7 @@ class ModelConfig:
         _check(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "a number > 0")
         _check(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "a number > 0")
         _check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a number > 0")
+        _check(self.qk_norm in QK_NORM_CHOICES, f"{prefix}.qk_norm", self.qk_norm, f"one of {QK_NORM_CHOICES}")
         if self.moe is not None:
             self.moe.validate(f"{prefix}.moe")
             _check(
@@ -177,9 +184,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded corpus), a text file, a directory, or a .jsonl file
-    glob: str = "**/*"  # files to read when source is a directory (comma-separated patterns)
+    glob: str = "*"  # files to read under a directory: comma-separated patterns on the relative path or file name
     jsonl_field: str = "text"
-    tokenizer: str = "bpe"  # bpe | bytes
+    tokenizer: str = "bpe"  # bpe (trained on the data) | bytes | file (an existing tokenizer.json)
+    tokenizer_file: str = ""  # with tokenizer = "file": its tokenizer.json (a tokenizer_config.json beside it names eos/pad)
     vocab_size: int = 4096  # BPE vocabulary size (bytes: 256 + special tokens)
     seq_len: int = 256  # training context length
     val_fraction: float = 0.03  # share of documents held out, by a stable hash of their path
@@ -194,6 +202,8 @@ class DataConfig:
             self.tokenizer,
             f"one of {TOKENIZER_CHOICES}",
         )
+        if self.tokenizer == "file":
+            _check(bool(self.tokenizer_file), f"{prefix}.tokenizer_file", self.tokenizer_file, "the path of a tokenizer.json when data.tokenizer = 'file'")
         _check(self.vocab_size >= 260, f"{prefix}.vocab_size", self.vocab_size, "an integer >= 260")
         _check(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
         _check(
@@ -208,7 +218,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch (under torchrun: over all ranks; each reads batch_size / world)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
     max_tokens: int = 0  # stop after this many training tokens (0 = no token budget)
@@ -256,21 +266,27 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
-    """Router-health metrics and guardrails (see moelab.train.monitor)."""
+    """Router-health metrics and guardrails (see moelab.train.monitor and docs/monitoring.md)."""
 
-    dead_share: float = 0.1  # an expert is starved when its share < dead_share / E
-    persist_intervals: int = 5  # dead / collapsed for this many consecutive logging intervals
-    collapse_imbalance: float = 0.0  # max/mean load that counts as collapse (0 = halfway to E/k)
-    spike_sigma: float = 6.0  # loss / grad-norm spike: value > rolling mean + k * std
-    spike_window: int = 50  # logging intervals in the rolling window
+    # Layer rules, judged at every logging interval.
+    collapse_score: float = 0.5  # collapse: score >= this (0 balanced .. 1 all tokens on the same k experts)
+    collapse_imbalance: float = 0.0  # also collapse: max/mean expert load >= this (0 = off)
+    dead_share: float = 0.1  # an expert is starved in an interval when its share < dead_share / E
+    persist_intervals: int = 5  # collapsed / starved for this many consecutive intervals before an alert
     logit_growth: float = 30.0  # alert when the max router logit exceeds this
-    on_nan: str = "rollback"  # warn | stop | rollback
+    # Spike rules, judged at every step against the previous spike_window steps.
+    spike_sigma: float = 6.0  # loss spike: step loss > rolling mean + spike_sigma * std
+    grad_spike_sigma: float = 8.0  # gradient-norm spike, likewise (gradient norms have heavier tails)
+    spike_window: int = 100  # steps in the rolling window (judging starts when it is half full)
+    spike_min_rel: float = 0.02  # the std used is at least this fraction of the rolling mean
+    # Actions: warn (alert only) | stop (alert, save, stop) | rollback (to the newest checkpoint).
+    on_nan: str = "rollback"  # a non-finite step is always skipped; warn = skip and continue
     on_spike: str = "warn"
     on_collapse: str = "warn"
     on_dead: str = "warn"
     on_logit_growth: str = "warn"
-    max_rollbacks: int = 3
-    skip_batches: int = 0  # batches skipped after a rollback (0 = the window since the checkpoint)
+    max_rollbacks: int = 3  # rollbacks allowed in a run before a rollback action stops it instead
+    skip_batches: int = 0  # extra batches skipped after a rollback (the window since the checkpoint always is)
     expert_similarity: bool = True  # pairwise cosine similarity of experts in metrics
     debug_nan_step: int = 0  # test hook: poison the loss of this step once (0 = off)
 
@@ -279,12 +295,21 @@ class MonitorConfig:
         for name in ("on_nan", "on_spike", "on_collapse", "on_dead", "on_logit_growth"):
             value = getattr(self, name)
             _check(value in actions, f"{prefix}.{name}", value, f"one of {actions}")
+        _check(0 < self.collapse_score <= 1, f"{prefix}.collapse_score", self.collapse_score, "a number in (0, 1]")
+        _check(
+            self.collapse_imbalance == 0 or self.collapse_imbalance > 1,
+            f"{prefix}.collapse_imbalance",
+            self.collapse_imbalance,
+            "0 (off) or a number > 1 (max/mean load is 1 when balanced)",
+        )
         _check(0 < self.dead_share < 1, f"{prefix}.dead_share", self.dead_share, "a fraction in (0, 1)")
         _check(self.persist_intervals >= 1, f"{prefix}.persist_intervals", self.persist_intervals, "an integer >= 1")
-        _check(self.collapse_imbalance >= 0, f"{prefix}.collapse_imbalance", self.collapse_imbalance, "a number >= 0")
-        _check(self.spike_sigma > 0, f"{prefix}.spike_sigma", self.spike_sigma, "a number > 0")
-        _check(self.spike_window >= 5, f"{prefix}.spike_window", self.spike_window, "an integer >= 5")
-        _check(self.logit_growth > 0, f"{prefix}.logit_growth", self.logit_growth, "a number > 0")
+        _check(math.isfinite(self.logit_growth) and self.logit_growth > 0, f"{prefix}.logit_growth", self.logit_growth, "a number > 0")
+        for name in ("spike_sigma", "grad_spike_sigma"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, f"{prefix}.{name}", value, "a number > 0")
+        _check(self.spike_window >= 10, f"{prefix}.spike_window", self.spike_window, "an integer >= 10")
+        _check(0 <= self.spike_min_rel < 1, f"{prefix}.spike_min_rel", self.spike_min_rel, "a fraction in [0, 1)")
         _check(self.max_rollbacks >= 0, f"{prefix}.max_rollbacks", self.max_rollbacks, "an integer >= 0")
         _check(self.skip_batches >= 0, f"{prefix}.skip_batches", self.skip_batches, "an integer >= 0")
         _check(self.debug_nan_step >= 0, f"{prefix}.debug_nan_step", self.debug_nan_step, "an integer >= 0 (0 = off)")
@@ -323,6 +348,8 @@ class RunConfig:
             f"at most model.max_seq_len ({self.model.max_seq_len})",
         )
         moe = self.model.moe
+        # NOTE (distributed): a dense model has no experts to split across ranks.
+        _check(moe is not None or self.parallel.expert == 1, "parallel.expert", self.parallel.expert, "1 for a dense model (expert parallelism needs model.moe)")
         if moe is not None and self.parallel.expert > 1:
             _check(
                 moe.num_experts % self.parallel.expert == 0,

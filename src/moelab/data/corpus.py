@@ -120,11 +120,13 @@ def _read_utf8(path: Path) -> str:
 
 
 def _chunk(name: str, text: str) -> list[Document]:
-    if len(text) <= DOC_CHARS:
+    # Small files are cut finer (down to 1 KiB) so that even they can be split train/validation.
+    size = max(1024, min(DOC_CHARS, len(text) // 32))
+    if len(text) <= size:
         return [Document(name, text)]
     docs, start, index = [], 0, 0
     while start < len(text):
-        end = min(len(text), start + DOC_CHARS)
+        end = min(len(text), start + size)
         if end < len(text):
             newline = text.rfind("\n", start, end)
             if newline > start:

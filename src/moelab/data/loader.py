@@ -41,7 +41,11 @@ class BatchLoader:
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(self.num_windows)[self.rank :: self.world]
+            # NOTE (distributed): every rank gets the same number of windows (the last
+            # num_windows % world of the order are left out), so that all ranks start a new epoch
+            # at the same step, exactly when one process reading the global batch would.
+            usable = self.num_windows - self.num_windows % self.world
+            self._order = rng.permutation(self.num_windows)[:usable][self.rank :: self.world]
             self._order_epoch = self.epoch
         return self._order
 

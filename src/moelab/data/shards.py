@@ -21,7 +21,8 @@ import numpy as np
 
 from moelab.config import DataConfig
 from moelab.data.corpus import Corpus, Document, load_corpus
-from moelab.data.tokenizer import TextTokenizer, bytes_tokenizer, train_bpe
+from moelab.data.tokenizer import HF_TOKENIZER_CONFIG, TextTokenizer, bytes_tokenizer, train_bpe
+from moelab.errors import MoelabError
 
 FORMAT_VERSION = 1
 ENCODE_BATCH_DOCS = 256
@@ -42,9 +43,21 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moelab"
 
 
+def _tokenizer_file(cfg: DataConfig) -> Path:
+    path = Path(cfg.tokenizer_file).expanduser()
+    if not path.is_file():
+        raise MoelabError(f"data.tokenizer_file {path} does not exist (give the tokenizer.json to tokenise with)")
+    return path
+
+
 def _cache_key(corpus: Corpus, cfg: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(f"v{FORMAT_VERSION}\0{cfg.tokenizer}\0{cfg.vocab_size if cfg.tokenizer == 'bpe' else 0}\0".encode())
+    if cfg.tokenizer == "file":  # the tokenizer's own content decides the tokens
+        path = _tokenizer_file(cfg)
+        h.update(path.read_bytes())
+        config = path.with_name(HF_TOKENIZER_CONFIG)
+        h.update(config.read_bytes() if config.is_file() else b"")
     h.update(corpus.fingerprint().encode())
     return h.hexdigest()[:24]
 
@@ -78,6 +91,8 @@ def _build_entry(corpus: Corpus, cfg: DataConfig, entry: Path) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     if cfg.tokenizer == "bytes":
         tokenizer = bytes_tokenizer()
+    elif cfg.tokenizer == "file":
+        tokenizer = TextTokenizer.load(_tokenizer_file(cfg))
     else:
         tokenizer = train_bpe((d.text for d in corpus.train), cfg.vocab_size, length=len(corpus.train))
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32

@@ -2,10 +2,14 @@
 
 Both are `tokenizers.Tokenizer` objects saved as `tokenizer.json`, so exported models load with
 `AutoTokenizer`. The raw-bytes tokenizer is a byte-level BPE with no merges: token id = byte value.
+
+A tokenizer imported from Hugging Face (moelab.interop) keeps its own vocabulary and special tokens:
+its `tokenizer_config.json`, kept beside `tokenizer.json`, names the end-of-text and padding tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,6 +22,7 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"  # chat turns (ChatML), see moelab.infer.chat
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file naming a tokenizer's special tokens
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -34,15 +39,23 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class TextTokenizer:
-    """A thin wrapper: encode/decode plus the special-token ids moelab needs."""
+    """A thin wrapper: encode/decode plus the special-token ids moelab needs.
 
-    def __init__(self, tokenizer: Tokenizer):
+    moelab's own tokenizers carry all of SPECIAL_TOKENS. A tokenizer from elsewhere (an imported
+    Hugging Face model) names its own end-of-text token and, optionally, its padding token (None:
+    pad with the end-of-text token, as Hugging Face models without a pad token do)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token: str = EOS, pad_token: str | None = PAD):
         self.tokenizer = tokenizer
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        own = eos_token == EOS and pad_token == PAD
+        required = SPECIAL_TOKENS if own else [t for t in (eos_token, pad_token) if t is not None]
+        missing = [t for t in required if tokenizer.token_to_id(t) is None]
         if missing:
             raise MoelabError(f"tokenizer lacks the special tokens {missing}")
-        self.eos_id = tokenizer.token_to_id(EOS)
-        self.pad_id = tokenizer.token_to_id(PAD)
+        self.eos_token = eos_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.eos_id = tokenizer.token_to_id(self.eos_token)
+        self.pad_id = tokenizer.token_to_id(self.pad_token)
 
     @property
     def vocab_size(self) -> int:
@@ -64,20 +77,60 @@ class TextTokenizer:
         return tid
 
     def save(self, path: str | Path) -> None:
+        """Write tokenizer.json; a tokenizer with its own special tokens also gets the
+        tokenizer_config.json that names them, so that `load` restores it."""
         self.tokenizer.save(str(path))
+        if (self.eos_token, self.pad_token) != (EOS, PAD):
+            config = {"eos_token": self.eos_token, "pad_token": self.pad_token}
+            Path(path).with_name(HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=1))
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
 
     @classmethod
     def load(cls, path: str | Path) -> "TextTokenizer":
+        """Load `tokenizer.json`; a Hugging Face `tokenizer_config.json` beside it (imported models)
+        names the end-of-text and padding tokens, otherwise they are moelab's own."""
         path = Path(path)
         if not path.is_file():
             raise MoelabError(f"tokenizer file {path} is missing")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a plain Exception on malformed JSON
             raise MoelabError(f"tokenizer file {path} cannot be read: {exc}") from None
+        eos, pad = EOS, PAD
+        config = path.with_name(HF_TOKENIZER_CONFIG)
+        if config.is_file():
+            eos, pad = special_tokens_from_config(config)
+        return cls(tokenizer, eos, pad)
+
+
+def special_tokens_from_config(path: Path) -> tuple[str, str | None]:
+    """(eos_token, pad_token or None) named by a Hugging Face tokenizer_config.json."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoelabError(f"tokenizer config {path} is not valid JSON: {exc}") from None
+    eos, pad = special_tokens_in(data, path)
+    if not eos:
+        raise MoelabError(f"tokenizer config {path} names no eos_token; moelab needs an end-of-text token")
+    return eos, pad
+
+
+def special_tokens_in(data: object, where: str | Path) -> tuple[str | None, str | None]:
+    """(eos_token, pad_token) of a parsed tokenizer_config.json; None for those it does not name."""
+    if not isinstance(data, dict):
+        raise MoelabError(f"tokenizer config {where} is not a JSON object")
+
+    def token(name: str) -> str | None:
+        value = data.get(name)
+        if isinstance(value, dict):  # older files store AddedToken objects: {"content": "</s>", ...}
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise MoelabError(f"tokenizer config {where}: {name} = {value!r} is not a token string")
+        return value or None
+
+    return token("eos_token"), token("pad_token")
 
 
 def _byte_level(tokenizer: Tokenizer) -> Tokenizer:

@@ -46,7 +46,14 @@ class ParamCounts:
 def _attention_params(cfg: ModelConfig) -> int:
     q = cfg.n_heads * cfg.resolved_head_dim
     kv = cfg.kv_heads * cfg.resolved_head_dim
-    return cfg.d_model * q + 2 * cfg.d_model * kv + q * cfg.d_model
+    params = cfg.d_model * q + 2 * cfg.d_model * kv + q * cfg.d_model
+    if cfg.qkv_bias:  # the optional q/k/v biases and q/k norm weights (Hugging Face interop options)
+        params += q + 2 * kv
+    if cfg.qk_norm == "head":
+        params += 2 * cfg.resolved_head_dim
+    elif cfg.qk_norm == "full":
+        params += q + kv
+    return params
 
 
 def _swiglu_params(d_model: int, hidden: int) -> int:

@@ -42,7 +42,8 @@ def plan_token_choice(
     # NOTE: rank-major order (all first choices, then all second choices) so that a stable sort by
     # expert gives exactly the GShard priority order within each expert.
     expert_of_slot = expert_index_TK.t().reshape(-1)  # [k*T], slot s = rank * T + token
-    order = torch.argsort(expert_of_slot, stable=True)  # [k*T] slots grouped by expert
+    # NOTE: sort(...).indices, not argsort(stable=True): the same order, measured ~30x faster on CPU.
+    order = torch.sort(expert_of_slot, stable=True).indices  # [k*T] slots grouped by expert
     tokens_per_expert = torch.bincount(expert_of_slot, minlength=num_experts)  # [E]
     dropped = tokens_per_expert.new_zeros(())
     if capacity is not None:
@@ -154,3 +155,28 @@ def experts_swiglu(
     out_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
     out_TD.index_add_(0, plan.token_index_S, out_SD.to(acc_dtype))
     return out_TD.to(x_TD.dtype)
+
+
+def experts_swiglu_gathered(
+    x_TD: torch.Tensor,
+    expert_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    gate_up_E2ID: torch.Tensor,
+    down_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """The same result as `experts_swiglu` for a few tokens (decoding): index the chosen experts'
+    weights and run one batched matmul per projection. Only the k chosen experts per token are
+    touched; unchosen experts cost nothing. Copies S = T*k weight sets, so it is for small S only."""
+    T, k = expert_TK.shape
+    D = x_TD.shape[1]
+    compute_dtype = x_TD.dtype
+    if torch.is_autocast_enabled(x_TD.device.type):
+        compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
+    experts_S = expert_TK.reshape(-1)  # [S], slot s = token * k + choice
+    x_S1D = x_TD.to(compute_dtype)[:, None, :].expand(T, k, D).reshape(T * k, 1, D)
+    gate_up_S2ID = gate_up_E2ID.to(compute_dtype).index_select(0, experts_S)
+    gate_S1I, up_S1I = torch.bmm(x_S1D, gate_up_S2ID.transpose(1, 2)).chunk(2, dim=-1)
+    hidden_S1I = F.silu(gate_S1I) * up_S1I * weight_TK.reshape(-1, 1, 1).to(compute_dtype)
+    down_SDI = down_EDI.to(compute_dtype).index_select(0, experts_S)
+    out_S1D = torch.bmm(hidden_S1I, down_SDI.transpose(1, 2))
+    return out_S1D.view(T, k, D).float().sum(1).to(x_TD.dtype)  # sum the k experts of each token

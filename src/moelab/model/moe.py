@@ -11,6 +11,7 @@ non-persistent buffers by training-mode forwards only, and read and reset by the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import MoEConfig
-from moelab.model.dispatch import DispatchPlan, experts_swiglu, plan_expert_choice, plan_token_choice
+from moelab.model.dispatch import DispatchPlan, experts_swiglu, experts_swiglu_gathered, plan_expert_choice, plan_token_choice
 from moelab.model.mlp import SwiGLU
 
 
@@ -26,10 +27,12 @@ from moelab.model.mlp import SwiGLU
 class Routing:
     """What the router decided for one forward pass."""
 
-    plan: DispatchPlan
+    plan: DispatchPlan | None  # None on the few-token decode path
     logits_TE: torch.Tensor  # [T, E] fp32 router logits
     probs_TE: torch.Tensor  # [T, E] fp32 per-token distribution over experts (sums to 1)
-    slots_per_expert_E: torch.Tensor  # [E] slots routed to each expert before any dropping
+    slots_per_expert_E: torch.Tensor | None  # [E] slots routed to each expert before any dropping
+    expert_TK: torch.Tensor | None = None  # [T, k] chosen experts (decode path only)
+    weight_TK: torch.Tensor | None = None  # [T, k] their weights (decode path only)
 
 
 def expert_capacity(num_tokens: int, cfg: MoEConfig) -> int | None:
@@ -56,7 +59,9 @@ class Router(nn.Module):
         # Auxiliary-loss-free balancing (DeepSeek-V3): added to scores only when choosing experts.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, need_plan: bool = True) -> Routing:
+        """Route tokens. need_plan=False (token choice, no capacity) skips building the grouped
+        dispatch plan and the load counts: the few-token decode path needs neither."""
         cfg = self.cfg
         x32_TD = x_TD.float()
         if self.training and cfg.jitter > 0:
@@ -88,6 +93,8 @@ class Router(nn.Module):
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
             if cfg.route_scale != 1.0:
                 weight_TK = weight_TK * cfg.route_scale
+            if not need_plan and capacity is None:
+                return Routing(plan=None, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
             slots = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
             plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
         return Routing(plan=plan, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=slots)
@@ -120,6 +127,11 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, cfg.shared_hidden_total) if cfg.num_shared_experts > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
         self.impl = "auto"  # grouped matmul implementation; tests switch it
+        self.decode_slots = 16  # eval forwards routing at most this many token-slots take the gathered path
+        # NOTE (distributed): data / expert parallelism (moelab.distributed) sets this to a function
+        # that sums the slot counts over every data-parallel rank, so that the balancing loss sees the
+        # load of the global batch as one process would. None (the default): this process's batch.
+        self.reduce_slot_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         E = cfg.num_experts
         # Training statistics since the last read (non-persistent: never saved with the weights).
         self.register_buffer("stat_tokens_per_expert", torch.zeros(E), persistent=False)
@@ -131,8 +143,19 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
-        routing = self.router(x_TD)
-        y_TD = self.experts(x_TD, routing.plan, self.impl)
+        # NOTE: decoding routes a handful of tokens; grouping them by expert (sort, counts, grouped
+        # matmul over every expert, scatter) then costs more than the expert maths itself.
+        few = (
+            not self.training
+            and x_TD.shape[0] * self.cfg.top_k <= self.decode_slots
+            and self.cfg.routing == "token_choice"
+            and type(self.experts) is Experts  # a distributed replacement does its own dispatch
+        )
+        routing = self.router(x_TD, need_plan=not few)
+        if routing.plan is None:
+            y_TD = experts_swiglu_gathered(x_TD, routing.expert_TK, routing.weight_TK, self.experts.gate_up_proj, self.experts.down_proj)
+        else:
+            y_TD = self.experts(x_TD, routing.plan, self.impl)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -149,7 +172,10 @@ class MoE(nn.Module):
         if cfg.aux_loss_coef > 0 and cfg.routing == "token_choice":
             # Switch Transformer: E * sum_e f_e * P_e, f_e = share of slots routed to e (no gradient),
             # P_e = mean router probability of e. Minimised (value 1) by uniform routing.
-            slot_share_E = routing.slots_per_expert_E.float() / routing.slots_per_expert_E.sum().clamp_min(1)
+            slots_E = routing.slots_per_expert_E
+            if self.reduce_slot_counts is not None:
+                slots_E = self.reduce_slot_counts(slots_E)  # (distributed) load of the global batch
+            slot_share_E = slots_E.float() / slots_E.sum().clamp_min(1)
             mean_prob_E = routing.probs_TE.mean(0)
             loss = loss + cfg.aux_loss_coef * cfg.num_experts * (slot_share_E * mean_prob_E).sum()
         if cfg.z_loss_coef > 0:

@@ -79,10 +79,18 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.resolved_head_dim
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        # Optional q/k RMSNorm before rotary (off by default; Hugging Face interop): "head" normalises
+        # each head with one [Dh] weight shared by all heads (Qwen3-MoE), "full" the whole projection
+        # with one [H*Dh] / [G*Dh] weight (OLMoE).
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(self.n_heads * self.head_dim if full else self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_heads * self.head_dim if full else self.head_dim, cfg.norm_eps)
 
     def forward(
         self,
@@ -95,8 +103,14 @@ class Attention(nn.Module):
         rows_B: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x_BTD), self.k_proj(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos_BTDh, sin_BTDh)
         k = apply_rotary(k, cos_BTDh, sin_BTDh)
@@ -111,12 +125,21 @@ class Attention(nn.Module):
     def _cached_attention(q, k, v, positions_BT, cache, layer, rows_B, gqa):
         B, T = positions_BT.shape
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # [rows, G, Lmax, Dh]
-        row_index = rows_B[:, None].expand(B, T)
+        if rows_B is None:
+            # NOTE: rows 0..B-1 (a serving engine keeps its live rows packed at the front): slicing
+            # gives views, so reading the cached keys below copies nothing.
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
+            row_index = torch.arange(B, device=positions_BT.device)[:, None].expand(B, T)
+        else:
+            row_index = rows_B[:, None].expand(B, T)
         k_cache[row_index, :, positions_BT] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, G, Dh]
         v_cache[row_index, :, positions_BT] = v.transpose(1, 2).to(v_cache.dtype)
         length = int(positions_BT.max()) + 1  # keys past every query's position are never visible
-        keys = k_cache[rows_B, :, :length].to(q.dtype)  # [B, G, L, Dh]
-        values = v_cache[rows_B, :, :length].to(q.dtype)
+        if rows_B is None:
+            keys, values = k_cache[:, :, :length], v_cache[:, :, :length]  # [B, G, L, Dh] views
+        else:
+            keys, values = k_cache[rows_B, :, :length], v_cache[rows_B, :, :length]  # gathered copies
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         visible_BTL = torch.arange(length, device=q.device)[None, None, :] <= positions_BT[:, :, None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible_BTL[:, None], enable_gqa=gqa)
 
@@ -164,7 +187,9 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or ".attn_norm." in name or ".ffn_norm." in name:
-                p.fill_(1.0)
+                p.fill_(1.0)  # also the optional attn.q_norm / attn.k_norm
+            elif name.endswith(".bias"):
+                p.zero_()  # the optional q/k/v biases (model.qkv_bias)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 p.normal_(0.0, out_std)
             elif name.endswith("router.weight"):
@@ -200,8 +225,8 @@ class Transformer(nn.Module):
             if int(positions_BT.max()) >= self.cfg.max_seq_len:
                 raise ValueError(f"position {int(positions_BT.max())} exceeds model.max_seq_len {self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[positions_BT], self.rope_sin[positions_BT]
-        if cache is not None and rows_B is None:
-            rows_B = torch.arange(B, device=tokens_BT.device)
+        if cache is not None and rows_B is None and B > cache.batch:
+            raise ValueError(f"batch of {B} rows exceeds the cache's {cache.batch} rows")
         x = self.embed(tokens_BT)
         aux_total = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):

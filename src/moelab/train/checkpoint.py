@@ -59,8 +59,10 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    save_file(model_state(model), str(path), metadata=metadata or {})
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`state`: weights already assembled (distributed training gathers the experts from their
+    ranks, moelab.distributed.checkpoint); default: the model's own state."""
+    save_file(model_state(model) if state is None else state, str(path), metadata=metadata or {})
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -93,14 +95,23 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    trainer_state: dict[str, Any],
+    keep: int,
+    protected: frozenset[int] = frozenset(),
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints
+    (checkpoints at `protected` steps are kept too). `weights`: see `save_weights`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        save_weights(model, tmp / MODEL_FILE, {"format": "moelab", "step": str(step)})
+        save_weights(model, tmp / MODEL_FILE, {"format": "moelab", "step": str(step)}, state=weights)
         torch.save(trainer_state, tmp / TRAINER_FILE)
         files = {}
         for name in (MODEL_FILE, TRAINER_FILE):
@@ -120,7 +131,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name[len(PREFIX) :]) not in protected:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

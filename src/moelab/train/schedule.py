@@ -31,14 +31,29 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and stacked expert tensors), none on norms."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    """AdamW with weight decay on matrices (and stacked expert tensors), none on norms.
+
+    The router and routed experts learn at model.moe.lr_scale times the learning rate (each group
+    keeps its multiplier in `lr_scale`; `set_learning_rate` applies it every step)."""
+    moe_cfg = getattr(getattr(model, "cfg", None), "moe", None)
+    expert_lr_scale = moe_cfg.lr_scale if moe_cfg is not None else 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        routed = ".experts." in name or ".router." in name
+        groups.setdefault((p.dim() >= 2, routed), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": expert_lr_scale if routed else 1.0,
+        }
+        for (decay, routed), params in sorted(groups.items())
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from moelab.config import RunConfig
 from moelab.data.loader import BatchLoader, eval_batches
 from moelab.data.shards import TokenData, prepare_data
+from moelab.distributed import Distributed
+from moelab.distributed import wanted as distributed_wanted
 from moelab.errors import CheckpointError, MoelabError
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingParams
@@ -31,7 +33,7 @@ from moelab.rundir import RunDir, read_jsonl, write_atomic
 from moelab.train.checkpoint import describe_fallback, list_checkpoints, load_checkpoint, save_checkpoint
 from moelab.train.monitor import Alert, Monitor, router_health
 from moelab.train.progress import ProgressBar, format_count, format_duration
-from moelab.train.schedule import build_optimizer, learning_rate
+from moelab.train.schedule import build_optimizer, learning_rate, set_learning_rate
 
 
 @dataclass
@@ -51,6 +53,13 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def fresh_start_state(source: str) -> dict[str, Any]:
+    """trainer.pt of a checkpoint written outside training (`moelab import`, `moelab upcycle`): weights
+    only. `moelab train --resume` continues from it as a new run would start: step 0, a fresh
+    optimizer, and the data order and RNG of train.seed (see Trainer._fresh_state)."""
+    return {"fresh_start": True, "step": 0, "source": source}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,16 +95,31 @@ class Trainer:
         log: Callable[[str], None] = print,
         progress: bool = True,
         step_hook: Callable[["Trainer", int], None] | None = None,
+        checkpoint_steps: frozenset[int] = frozenset(),
     ):
         self.cfg = cfg
         self.run = RunDir(out)
+        # Extra checkpoints kept whatever keep_checkpoints says (compare's cooldown branches start there).
+        self.checkpoint_steps = frozenset(checkpoint_steps)
+        # (distributed) under torchrun: check the layout, join the process group; rank 0 alone logs,
+        # draws the progress bar and writes files (moelab.distributed, docs/distributed.md).
+        self.parallel = Distributed.from_env(cfg) if distributed_wanted(cfg) else None
+        if self.parallel is not None:  # rank 0's run directory for all (a default --out has the time in it)
+            self.run = RunDir(self.parallel.broadcast(str(self.run.path)))
+        self.is_main = self.parallel is None or self.parallel.is_main
+        if not self.is_main:
+            log, progress = (lambda s: None), False
         self.log = log
         self.step_hook = step_hook
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.parallel.device if self.parallel is not None else resolve_device(cfg.train.device)
+        if self.parallel is not None:
+            self.log(self.parallel.describe())
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
         resume_from = self._resume_checkpoint(resume)
         if resume_from is None and self.run.path.exists():
             self._check_out_dir_free()  # before the data work, so a mistake costs nothing
+        if self.parallel is not None:
+            self.parallel.main_first_begin()  # (distributed) rank 0 fills the token cache and creates the run first
 
         self.data: TokenData = prepare_data(cfg.data, log=log)
         vocab = self.data.tokenizer.vocab_size
@@ -103,19 +127,31 @@ class Trainer:
             cfg.model.vocab_size = vocab
         elif cfg.model.vocab_size < vocab:
             raise MoelabError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-        self.loader = BatchLoader(self.data.train, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed)
+        # (distributed) train.batch_size is the global batch: each rank reads its share of every batch.
+        rank, world = (self.parallel.rank, self.parallel.world) if self.parallel is not None else (0, 1)
+        self.loader = BatchLoader(self.data.train, cfg.train.batch_size // world, cfg.data.seq_len, cfg.train.seed, rank=rank, world=world)
         self.eval_set = eval_batches(self.data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
 
         if resume_from is None:
-            self.run.create(cfg)
-            self.data.tokenizer.save(self.run.tokenizer_path)
-            write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
+            if self.is_main:
+                self.run.create(cfg)
+                self.data.tokenizer.save(self.run.tokenizer_path)
+                write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
         elif self.run.load_tokenizer().to_json() != self.data.tokenizer.to_json():
             raise MoelabError(f"the data's tokenizer differs from the one in {self.run.path}: the data changed since the run started")
+        if self.parallel is not None:
+            self.parallel.main_first_end()
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = Transformer(cfg.model)
+        self.train_model: torch.nn.Module = self.model  # what training forwards call (distributed: the DDP wrapper)
+        if self.parallel is not None:
+            self.parallel.shard(self.model)  # (distributed) this rank's experts only, before moving to the device
+            self.parallel.seed_rank(cfg.train.seed)
+        self.model.to(self.device)
+        if self.parallel is not None:
+            self.train_model = self.parallel.wrap(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train)
         moe = cfg.model.moe
         self.monitor = Monitor(cfg.monitor, moe.num_experts if moe else 0, moe.top_k if moe else 1)
@@ -151,7 +187,7 @@ class Trainer:
         if resume is True:
             if not self.run.is_run():
                 raise MoelabError(f"cannot resume: {self.run.path} is not a moelab run directory")
-            checkpoints = list_checkpoints(self.run.path)
+            checkpoints = self._list_checkpoints()
             if not checkpoints:
                 raise MoelabError(f"cannot resume: run {self.run.path} has no checkpoint")
             return checkpoints[-1]
@@ -161,6 +197,12 @@ class Trainer:
         if path.parent.parent.resolve() != self.run.path.resolve():
             raise MoelabError(f"checkpoint {path} does not belong to run {self.run.path}")
         return path
+
+    def _list_checkpoints(self) -> list[Path]:
+        """(distributed) rank 0's listing for every rank: what follows (evaluate, save, roll back)
+        must be the same on all of them, whatever a shared filesystem's caches show each node."""
+        found = list_checkpoints(self.run.path)
+        return found if self.parallel is None else self.parallel.broadcast(found)
 
     def _trainer_state(self) -> dict[str, Any]:
         state = {
@@ -182,10 +224,17 @@ class Trainer:
 
     def _load(self, checkpoint: Path, restore_counters: bool = True) -> None:
         try:
-            state = load_checkpoint(checkpoint, self.model, map_location=self.device)
+            if self.parallel is not None:  # (distributed) this rank's experts of the full checkpoint
+                state = self.parallel.load_checkpoint(checkpoint, self.model)
+            else:
+                state = load_checkpoint(checkpoint, self.model, map_location="cpu")  # RNG states must stay on the CPU
         except CheckpointError as exc:
             raise CheckpointError(str(exc) + describe_fallback(self.run.path, checkpoint)) from None
         self.model.to(self.device)
+        if state.get("fresh_start"):
+            state = self._fresh_state()  # a weights-only checkpoint (moelab import / upcycle)
+        if self.parallel is not None:  # (distributed) this rank's optimizer shard, data position and RNG
+            state = self.parallel.local_trainer_state(state, self.optimizer, self.model, self.loader.batch_size, self.cfg.train.seed)
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
@@ -207,8 +256,27 @@ class Trainer:
             moe.reset_stats()
             moe.load_since_update.zero_()
 
+    def _fresh_state(self) -> dict[str, Any]:
+        """The trainer state of a new run at step 0 (fresh optimizer, data order and RNG from
+        train.seed): what a checkpoint written by `fresh_start_state` resumes into."""
+        moe = self.cfg.model.moe
+        return {
+            "step": 0,
+            "tokens": 0,
+            "train_s": 0.0,
+            "wall_s": 0.0,
+            "last_val": -1.0,
+            "optimizer": build_optimizer(self.model, self.cfg.train).state_dict(),
+            "loader": {**self.loader.state_dict(), "epoch": 0, "index": 0},
+            "torch_rng": torch.Generator().manual_seed(self.cfg.train.seed).get_state(),
+            "python_rng": json.dumps(random.Random(self.cfg.train.seed).getstate()),
+            "monitor": Monitor(self.cfg.monitor, moe.num_experts if moe else 0, moe.top_k if moe else 1).state_dict(),
+        }
+
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines newer than the checkpoint a resumed run restarts from."""
+        if not self.is_main:
+            return
         rows = [r for r in read_jsonl(self.run.metrics_path) if r.get("step", 0) <= step]
         write_atomic(self.run.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -220,15 +288,29 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.run.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _write_alert(self, alert: Alert) -> None:
         self.alerts_total += 1
-        with open(self.run.alerts_path, "a") as f:
-            f.write(json.dumps(alert.to_dict()) + "\n")
+        if self.is_main:
+            with open(self.run.alerts_path, "a") as f:
+                f.write(json.dumps(alert.to_dict()) + "\n")
         self._write_metrics({"step": alert.step, "tokens": self.tokens, "event": "alert", "rule": alert.rule, "action": alert.action, "message": alert.message})
         self.bar.message(f"alert [{alert.rule} -> {alert.action}] {alert.message}")
+
+    def _monitor_stop(self, alert: Alert) -> None:
+        """(monitor) Say why the monitor stops the run, also in --quiet runs and in metrics.jsonl."""
+        text = f"stopping: {alert.message}"
+        if alert.action == "rollback":
+            text += f"; rollback retries exhausted ({self.monitor.rollbacks} of monitor.max_rollbacks = {self.cfg.monitor.max_rollbacks} used)"
+        self._write_metrics({"step": self.step, "tokens": self.tokens, "event": "stop", "rule": alert.rule, "message": text})
+        if self.bar.enabled:
+            self.bar.message(text)
+        else:
+            self.log(text)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -236,12 +318,18 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for x, y in self.eval_set:
+            counted = True
+            if self.parallel is not None:  # (distributed) each rank evaluates its share of the rows
+                x, y, counted = self.parallel.eval_rows(x, y)
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = self.model(x).logits
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
-            count += y.numel()
+            if counted:
+                total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+                count += y.numel()
         self.model.train()
+        if self.parallel is not None:
+            total, count = self.parallel.sum(total, count)
         return total / count
 
     def _eval_and_log(self) -> float:
@@ -264,11 +352,13 @@ class Trainer:
         cfg = self.cfg.train
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                out = self.model(x)
+            # (distributed) DDP reduces the gradients once, in the backward of the last micro-batch
+            sync = self.parallel.no_sync(self.train_model, i == cfg.grad_accum - 1) if self.parallel is not None else nullcontext()
+            with sync, self._autocast():
+                out = self.train_model(x)
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
             if self.cfg.monitor.debug_nan_step and not self.nan_injected and self.step + 1 == self.cfg.monitor.debug_nan_step:
                 loss = loss * float("nan")  # test hook: a poisoned batch
@@ -276,14 +366,18 @@ class Trainer:
             ((loss + out.aux_loss) / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += out.aux_loss.detach()
-        return float(loss_sum) / cfg.grad_accum, float(aux_sum) / cfg.grad_accum
+        loss_mean, aux_mean = float(loss_sum) / cfg.grad_accum, float(aux_sum) / cfg.grad_accum
+        if self.parallel is not None:  # (distributed) expert gradients over their copies; losses averaged over ranks
+            self.parallel.finish_backward(self.model)
+            loss_mean, aux_mean = self.parallel.mean(loss_mean, aux_mean)
+        return loss_mean, aux_mean
 
     def _rollback(self, alert: Alert) -> bool:
         """Restore the newest good checkpoint and skip the batches that led to the failure.
         Returns False when the retry budget is spent."""
         if self.monitor.rollbacks >= self.cfg.monitor.max_rollbacks:
             return False
-        checkpoints = list_checkpoints(self.run.path)
+        checkpoints = self._list_checkpoints()
         if not checkpoints:
             return False
         self.monitor.rollbacks += 1
@@ -291,8 +385,12 @@ class Trainer:
         bad_step = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         wall_s, train_s = self.wall_s, self.train_s
+        nan_injected = self.nan_injected
         self._load(checkpoints[-1], restore_counters=False)
         self.wall_s, self.train_s = wall_s, train_s  # time already spent stays spent
+        # NOTE (monitor): the debug_nan_step hook stands for one poisoned batch, which the rollback
+        # skips; restoring the checkpoint's flag would poison the replayed step again every retry.
+        self.nan_injected = nan_injected
         # Continue after the batch that failed: the window since the checkpoint is skipped.
         self.loader.epoch, self.loader.index = bad_loader["epoch"], bad_loader["index"]
         self.loader.skip(self.cfg.monitor.skip_batches)
@@ -301,7 +399,11 @@ class Trainer:
         return True
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.run.path, self.step, self.model, self._trainer_state(), self.cfg.train.keep_checkpoints)
+        if self.parallel is not None:  # (distributed) experts gathered to rank 0, the single-process format
+            state = self._trainer_state()
+            self.parallel.save_checkpoint(self.run.path, self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, self.checkpoint_steps)
+            return
+        save_checkpoint(self.run.path, self.step, self.model, self._trainer_state(), self.cfg.train.keep_checkpoints, self.checkpoint_steps)
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until max_steps, a budget, `stop_at` steps, or a monitor stop; always ends with an
@@ -317,7 +419,9 @@ class Trainer:
             f"{format_count(self.flops_per_token)} training FLOPs/token; device {self.device}"
             + (f" (autocast {self.amp_dtype})" if self.amp_dtype else "")
         )
-        if self.step == 0 and not list_checkpoints(self.run.path):
+        # NOTE: also after resuming a weights-only checkpoint (step 0, never evaluated), so its
+        # metrics start with the step-0 loss and step 0 gets a complete checkpoint.
+        if self.step == 0 and (not self._list_checkpoints() or self.last_val is None):
             self._eval_and_log()
             self._checkpoint()  # a rollback target from the very start
         interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
@@ -330,17 +434,22 @@ class Trainer:
                 stopped_by = "max_tokens"
                 break
             self.wall_s = wall_at_start + time.perf_counter() - session_start
-            if cfg.max_minutes and self.wall_s >= cfg.max_minutes * 60:
+            out_of_time = bool(cfg.max_minutes) and self.wall_s >= cfg.max_minutes * 60
+            if self.parallel is not None and cfg.max_minutes:  # (distributed) all ranks stop at the same step
+                out_of_time = self.parallel.any(out_of_time)
+            if out_of_time:
                 stopped_by = "max_minutes"
                 break
             if self.step_hook is not None:
                 self.step_hook(self, self.step)
             t0 = time.perf_counter()
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(self.step, cfg)
+            set_learning_rate(self.optimizer, learning_rate(self.step, cfg))
             loss, aux = self._forward_backward()
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            if self.parallel is not None:  # (distributed) the norm of the whole model's gradient
+                grad_norm = self.parallel.clip_grad_norm(self.model, clip)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
             alert = self.monitor.check_step(self.step + 1, loss, grad_norm)
             if alert is not None:
                 self._write_alert(alert)
@@ -349,15 +458,21 @@ class Trainer:
                     moe.load_since_update.zero_()
                 if alert.action == "stop" or (alert.action == "rollback" and not self._rollback(alert)):
                     stopped_by = "monitor"
-                    self.bar.message(f"stopping: {alert.message}" + ("; rollback retries exhausted" if alert.action == "rollback" else ""))
+                    self._monitor_stop(alert)
                     break
                 interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
                 continue
             log_now = (self.step + 1) % cfg.log_every == 0
-            health = router_health(self.model, self.model.router_stats(), self.cfg.monitor.expert_similarity) if log_now else {}
+            if self.parallel is not None:  # (distributed) statistics of the global batch, experts gathered
+                health = self.parallel.router_health(self.model, self.cfg.monitor.expert_similarity) if log_now else {}
+            else:
+                health = router_health(self.model, self.model.router_stats(), self.cfg.monitor.expert_similarity) if log_now else {}
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.model.update_router_biases()
+            if self.parallel is not None:  # (distributed) the update the global load calls for
+                self.parallel.update_router_biases(self.model)
+            else:
+                self.model.update_router_biases()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
@@ -399,23 +514,25 @@ class Trainer:
                 if stop_alert is not None:
                     if stop_alert.action == "stop" or not self._rollback(stop_alert):
                         stopped_by = "monitor"
-                        self.bar.message(f"stopping: {stop_alert.message}")
+                        self._monitor_stop(stop_alert)
                         break
                     continue
             if self.step % cfg.eval_every == 0:
                 val = self._eval_and_log()
                 self.bar.message(f"step {self.step}: validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step in self.checkpoint_steps:
                 self._checkpoint()
         self.bar.close()
         self.wall_s = wall_at_start + time.perf_counter() - session_start
         if self.step % cfg.eval_every != 0 or self.last_val is None:
             self._eval_and_log()
-        latest = list_checkpoints(self.run.path)
+        latest = self._list_checkpoints()
         if not latest or int(latest[-1].name.split("_")[1]) != self.step:
             self._checkpoint()
         sample = ""
-        if cfg.sample_tokens:
+        # (distributed) rank 0 samples when it holds every expert; under expert parallelism a forward
+        # needs every rank, so no sample (use `moelab generate` on the checkpoint).
+        if cfg.sample_tokens and (self.parallel is None or (self.is_main and self.parallel.full_model_here)):
             sample = generate(self.model, self.data.tokenizer, "def ", cfg.sample_tokens, SamplingParams(temperature=0.8, top_p=0.95), seed=cfg.seed)
         result = TrainResult(
             run_dir=str(self.run.path),
@@ -444,7 +561,12 @@ class Trainer:
                 "threads": torch.get_num_threads(),
             }
         )
-        write_atomic(self.run.summary_path, json.dumps(summary, indent=1))
+        if self.parallel is not None:
+            summary["parallel"] = {"world": self.parallel.world, "expert": self.cfg.parallel.expert}
+        if self.is_main:
+            write_atomic(self.run.summary_path, json.dumps(summary, indent=1))
+        if self.parallel is not None:
+            self.parallel.barrier()  # (distributed) the run is complete on disk when any rank returns
         return result
 
 
