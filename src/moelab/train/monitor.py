@@ -1,9 +1,19 @@
 """Router health metrics and training guardrails.
 
-`router_health` turns one logging interval's router statistics into the per-layer metrics written
-to metrics.jsonl (keys `router.<layer>.<name>`). `Monitor` applies the rules (non-finite loss,
-loss and grad-norm spikes, expert collapse, dead experts, router-logit growth) and says which action
-each triggers: warn, stop or rollback.
+`router_health` turns one logging interval's router statistics (read from the MoE layers) and the
+expert weights into the per-layer metrics written to metrics.jsonl as `router.<layer>.<name>`.
+`Monitor` applies the rules and says which action each one triggers (warn, stop or rollback):
+
+    nan           non-finite loss or gradient norm at a step          (checked every step)
+    loss_spike    step loss above rolling mean + k sigma               (checked every step, reported
+    grad_spike    step gradient norm above rolling mean + k' sigma      at the next logging interval)
+    collapse      routing concentrated on few experts for n intervals (per MoE layer, per interval)
+    dead_experts  experts below a share floor for n intervals         (per MoE layer, per interval)
+    logit_growth  max router logit above a limit                      (per MoE layer, per interval)
+
+The metric functions take plain lists and tensors so that each is unit-tested on hand-built routing
+tables. The monitor's state (rolling windows, persistence counters, armed rules) goes into
+checkpoints so that a resumed run carries on exactly; docs/monitoring.md explains every threshold.
 """
 
 from __future__ import annotations
@@ -18,13 +28,18 @@ from torch import nn
 
 from moelab.config import MonitorConfig
 
-
 # ---------------------------------------------------------------------------------------------
-# Metrics from hand-checkable inputs (unit-tested on built routing tables)
+# Metrics from hand-checkable inputs
 
 
 def load_metrics(tokens_per_expert: list[float]) -> dict[str, float | list[float]]:
-    """Token share per expert, imbalance (max/mean), coefficient of variation, MaxVio."""
+    """Token share per expert and three views of its imbalance:
+
+    imbalance  max / mean load (1 = balanced; E/k = everything on k experts under top-k routing)
+    cv         coefficient of variation, std / mean (population std; 0 = balanced)
+    maxvio     (max - mean) / mean, the MaxVio of Wang et al. 2024 (loss-free balancing)
+
+    An interval with no tokens has no share to speak of: zeros, which the rules skip."""
     load = torch.tensor(tokens_per_expert, dtype=torch.float64)
     total = float(load.sum())
     if total <= 0:
@@ -35,12 +50,12 @@ def load_metrics(tokens_per_expert: list[float]) -> dict[str, float | list[float
         "share": (load / total).tolist(),
         "imbalance": float(load.max() / mean),
         "cv": float(load.std(unbiased=False) / mean),
-        "maxvio": float((load.max() - mean) / mean),  # Wang et al. 2024 (loss-free balancing)
+        "maxvio": float((load.max() - mean) / mean),
     }
 
 
 def entropy(p: list[float]) -> float:
-    """Shannon entropy in nats of a distribution (normalised first)."""
+    """Shannon entropy in nats of a distribution (normalised first; zeros contribute nothing)."""
     t = torch.tensor(p, dtype=torch.float64)
     s = float(t.sum())
     if s <= 0:
@@ -50,83 +65,168 @@ def entropy(p: list[float]) -> float:
     return float(-(t * t.log()).sum())
 
 
-def expert_similarity(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, float]:
-    """Pairwise cosine similarity of experts' flattened weights: max and mean over pairs."""
+def effective_experts(share: list[float]) -> float:
+    """exp(entropy of the load share): the number of equally loaded experts that would have the
+    same entropy. E when balanced; k when top-k routing sends everything to the same k experts."""
+    return math.exp(entropy(share)) if sum(share) > 0 else 0.0
+
+
+def collapse_score(share: list[float], top_k: int) -> float:
+    """How far routing has concentrated, from 0 (balanced, E effective experts) to 1 (k effective
+    experts: every token goes to the same k, the least spread top-k routing can have).
+
+    NOTE: this uses the entropy of the load, not max/mean. One expert that every token picks as one
+    of its k (a de facto shared expert, common and harmless in small models) already drives max/mean
+    to its ceiling E/k, while the other E-1 experts still share the rest; the effective count sees
+    that those experts are in use. A collapse also starves the others, which max/mean cannot tell."""
+    E = len(share)
+    k = max(1, min(top_k, E))
+    if E <= k or sum(share) <= 0:
+        return 0.0
+    score = (E - effective_experts(share)) / (E - k)
+    return min(1.0, max(0.0, score))
+
+
+def expert_weight_stats(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, Any]:
+    """Per-expert weight L2 norms and pairwise cosine similarity of the experts' flattened weights
+    (max and mean over pairs, and the most similar pair), from one E x E Gram matrix.
+
+    NOTE: the Gram matrix is summed per projection instead of concatenating the flattened experts,
+    which would copy every expert weight each logging interval; the E x E arithmetic after it runs
+    on the CPU in float64 (tiny, and one device sync). Cosine similarity of raw weights finds copies
+    (upcycled experts that never diverged, experts trained on the same tokens); it does not see
+    experts that compute the same function with permuted hidden units."""
     E = gate_up.shape[0]
+    gram_EE = sum(torch.mm(w.detach().reshape(E, -1).float(), w.detach().reshape(E, -1).float().T) for w in (gate_up, down))
+    gram = gram_EE.double().cpu()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    out: dict[str, Any] = {"weight_norm": norms.tolist()}
     if E < 2:
-        return {"similarity_max": 0.0, "similarity_mean": 0.0}
-    flat = torch.cat([gate_up.detach().reshape(E, -1), down.detach().reshape(E, -1)], dim=1).float()
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sim = flat @ flat.T
-    off = sim[~torch.eye(E, dtype=torch.bool, device=sim.device)]
-    return {"similarity_max": float(off.max()), "similarity_mean": float(off.mean())}
+        out.update(similarity_max=0.0, similarity_mean=0.0, similarity_pair=[0, 0])
+        return out
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    off = ~torch.eye(E, dtype=torch.bool)
+    best = int(cos.masked_fill(~off, -math.inf).argmax())
+    i, j = sorted(divmod(best, E))
+    out.update(similarity_max=float(cos[i, j]), similarity_mean=float(cos[off].mean()), similarity_pair=[i, j])
+    return out
 
 
 def expert_norms(tensors: list[torch.Tensor]) -> list[float]:
-    """Per-expert L2 norm over stacked [E, ...] tensors (weights or their gradients)."""
-    squares = sum(t.detach().float().reshape(t.shape[0], -1).square().sum(1) for t in tensors)
-    return squares.sqrt().tolist()
+    """Per-expert L2 norm over stacked [E, ...] tensors (weights or their gradients), all together."""
+    E = tensors[0].shape[0]
+    per_tensor = [torch.linalg.vector_norm(t.detach().reshape(E, -1), dim=1, dtype=torch.float32) for t in tensors]
+    return torch.stack(per_tensor).double().cpu().square().sum(0).sqrt().tolist()
 
 
 def router_health(model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True) -> dict[str, Any]:
-    """Flat metrics `router.<layer>.<name>` for one logging interval."""
+    """Flat metrics `router.<layer>.<name>` for one logging interval (see docs/monitoring.md).
+
+    Routing metrics cover every training forward since the last read (`router_stats` comes from
+    `Transformer.router_stats()`); weight norms and similarity are of the current weights; gradient
+    norms are of the current gradients (after clipping: what the optimizer applies), so call this
+    after the backward pass and before the optimizer step."""
     out: dict[str, Any] = {}
-    layers = {i: b.ffn for i, b in enumerate(model.blocks) if b.is_moe}
+    blocks = {i: b.ffn for i, b in enumerate(model.blocks) if b.is_moe}
     for layer, stats in router_stats.items():
-        moe = layers[layer]
-        prefix = f"router.{layer}."
-        metrics: dict[str, Any] = load_metrics(stats["tokens_per_expert"])
-        metrics["entropy"] = stats["entropy"]  # mean per-token routing entropy
-        metrics["marginal_entropy"] = entropy(stats["mean_prob"])  # entropy of the mean routing
+        moe = blocks[layer]
+        metrics: dict[str, Any] = {"tokens": stats["tokens"]}
+        metrics.update(load_metrics(stats["tokens_per_expert"]))
+        metrics["effective_experts"] = effective_experts(metrics["share"])
+        metrics["collapse_score"] = collapse_score(metrics["share"], moe.cfg.top_k)
+        metrics["entropy"] = stats["entropy"]  # mean per-token routing entropy (nats)
+        metrics["marginal_entropy"] = entropy(stats["mean_prob"])  # entropy of the mean routing distribution
         metrics["z_loss"] = stats["z_loss"]
         metrics["max_logit"] = stats["max_logit"]
         metrics["dropped_frac"] = stats["dropped_frac"]
         experts = [moe.experts.gate_up_proj, moe.experts.down_proj]
-        metrics["weight_norm"] = expert_norms(experts)
+        if with_similarity:
+            metrics.update(expert_weight_stats(*experts))
+        else:
+            metrics["weight_norm"] = expert_norms(experts)
         if all(p.grad is not None for p in experts):
             metrics["grad_norm"] = expert_norms([p.grad for p in experts])
-        if with_similarity:
-            metrics.update(expert_similarity(*experts))
         for name, value in metrics.items():
-            out[prefix + name] = value
+            out[f"router.{layer}.{name}"] = value
     return out
+
+
+def router_layers(record: dict[str, Any]) -> list[int]:
+    """The MoE layers a metrics record has router metrics for."""
+    return sorted({int(k.split(".")[1]) for k in record if k.startswith("router.") and k.count(".") >= 2 and k.split(".")[1].isdigit()})
 
 
 # ---------------------------------------------------------------------------------------------
 # Rules
 
 
+RULES = ("nan", "loss_spike", "grad_spike", "collapse", "dead_experts", "logit_growth")
+
+
 @dataclass
 class Alert:
-    step: int
-    rule: str  # nan | loss_spike | grad_spike | collapse | dead_experts | logit_growth
+    step: int  # the step the condition was seen at (spikes are reported at the next interval)
+    rule: str  # one of RULES
     action: str  # warn | stop | rollback
     message: str
     layer: int | None = None
+    value: float | None = None  # the measured value that tripped the rule
+    threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class RollingStats:
+    """Mean and standard deviation of the last `window` values, for spike detection."""
+
     def __init__(self, window: int):
         self.values: deque[float] = deque(maxlen=window)
 
-    def is_spike(self, value: float, sigma: float, min_points: int) -> bool:
-        if len(self.values) < min_points:
-            return False
-        mean = sum(self.values) / len(self.values)
-        var = sum((v - mean) ** 2 for v in self.values) / len(self.values)
-        # NOTE: a floor on the spread keeps a very flat curve from flagging ordinary noise.
-        std = max(math.sqrt(var), 0.02 * abs(mean), 1e-8)
-        return value > mean + sigma * std
+    def mean_std(self) -> tuple[float, float]:
+        n = len(self.values)
+        mean = sum(self.values) / n
+        var = sum((v - mean) ** 2 for v in self.values) / n
+        return mean, math.sqrt(var)
 
-    def push(self, value: float) -> None:
-        self.values.append(value)
+    def limit(self, sigma: float, rel_floor: float, min_points: int) -> float | None:
+        """mean + sigma * std over the window, or None while the window is still filling.
+        NOTE: the spread is floored at a fraction of the mean so a very flat stretch of the curve
+        does not turn ordinary noise into a spike."""
+        if len(self.values) < min_points:
+            return None
+        mean, std = self.mean_std()
+        return mean + sigma * max(std, rel_floor * abs(mean), 1e-12)
+
+    def push(self, value: float, cap: float | None = None) -> None:
+        # NOTE: a spike enters the window clipped to the limit it broke: left whole it would inflate
+        # the spread and hide the next spike; left out, a lasting level shift would alarm forever.
+        self.values.append(value if cap is None else min(value, cap))
+
+
+@dataclass
+class _Spike:
+    """The first spiking step of a logging interval, its peak and how many steps spiked."""
+
+    step: int
+    value: float
+    limit: float
+    mean: float
+    peak: float
+    count: int = 1
 
 
 class Monitor:
-    """Stateful rules over the logged metrics; its state goes into checkpoints."""
+    """Stateful rules over the per-step values and the logged metrics; its state goes into checkpoints.
+
+    The trainer calls `check_step` every step (returns a `nan` alert or None: the step must then be
+    skipped) and `check_interval` at every logging interval (returns the alerts to act on, and adds
+    the stateful metrics `router.<layer>.starved`, `.dead`, `.dead_experts` and the interval's
+    `loss_max` and `grad_norm_max` to the metrics dict it is given).
+
+    Layer rules alert when their condition starts to hold and re-arm once it has cleared, so a
+    collapse that recovers and comes back (or persists after a rollback) is reported again, while a
+    lasting condition is reported once instead of every interval."""
 
     def __init__(self, cfg: MonitorConfig, num_experts: int = 0, top_k: int = 1):
         self.cfg = cfg
@@ -134,92 +234,184 @@ class Monitor:
         self.top_k = top_k
         self.loss = RollingStats(cfg.spike_window)
         self.grad = RollingStats(cfg.spike_window)
+        self.pending: dict[str, _Spike] = {}  # spike rule -> spike seen since the last interval
+        self.interval_max: dict[str, float] = {}  # loss / grad_norm -> max over the interval's steps
         self.starved: dict[str, list[int]] = {}  # layer -> consecutive starved intervals per expert
         self.skewed: dict[str, int] = {}  # layer -> consecutive intervals above the collapse threshold
-        self.rollbacks = 0
-        self.flagged: set[tuple[str, int | None]] = set()  # (rule, layer) already alerted: alert once
+        self.firing: set[tuple[str, int]] = set()  # (rule, layer) alerted and not yet cleared
+        self.rollbacks = 0  # incremented by the trainer on every rollback
+        self.rollbacks_seen = 0
 
     @property
-    def collapse_threshold(self) -> float:
-        """Imbalance (max/mean load) that counts as collapse: halfway between balanced (1) and
-        everything on k experts (E/k), unless configured."""
-        if self.cfg.collapse_imbalance > 0:
-            return self.cfg.collapse_imbalance
-        return 1.0 + 0.5 * (self.num_experts / max(self.top_k, 1) - 1.0)
+    def min_points(self) -> int:
+        """Values needed in a rolling window before spikes are judged: half the window."""
+        return max(5, self.cfg.spike_window // 2)
+
+    # -- every step ----------------------------------------------------------------------------
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> Alert | None:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return None
-        what = "loss" if not math.isfinite(loss) else "gradient norm"
-        return Alert(step, "nan", self.cfg.on_nan, f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm})")
+        """A `nan` alert when the loss or gradient norm is not finite (the step must be skipped);
+        otherwise records the values for the spike rules and returns None."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            return Alert(step, "nan", self.cfg.on_nan, f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm})")
+        for key, value in (("loss", loss), ("grad_norm", grad_norm)):
+            self.interval_max[key] = max(self.interval_max.get(key, -math.inf), value)
+        self._spike("loss_spike", self.loss, step, loss, self.cfg.spike_sigma)
+        self._spike("grad_spike", self.grad, step, grad_norm, self.cfg.grad_spike_sigma)
+        return None
+
+    def _spike(self, rule: str, stats: RollingStats, step: int, value: float, sigma: float) -> None:
+        limit = stats.limit(sigma, self.cfg.spike_min_rel, self.min_points)
+        spiking = limit is not None and value > limit
+        if spiking:
+            seen = self.pending.get(rule)
+            if seen is None:
+                self.pending[rule] = _Spike(step, value, limit, stats.mean_std()[0], value)
+            else:
+                seen.peak, seen.count = max(seen.peak, value), seen.count + 1
+        stats.push(value, limit if spiking else None)
+
+    # -- every logging interval ------------------------------------------------------------------
 
     def check_interval(self, step: int, loss: float, grad_norm: float, health: dict[str, Any]) -> list[Alert]:
-        alerts: list[Alert] = []
-        min_points = max(5, self.cfg.spike_window // 2)
-        if self.loss.is_spike(loss, self.cfg.spike_sigma, min_points):
-            alerts.append(Alert(step, "loss_spike", self.cfg.on_spike, f"loss spike at step {step}: {loss:.3f} vs recent mean {sum(self.loss.values) / len(self.loss.values):.3f}"))
-        if self.grad.is_spike(grad_norm, self.cfg.spike_sigma, min_points):
-            alerts.append(Alert(step, "grad_spike", self.cfg.on_spike, f"gradient-norm spike at step {step}: {grad_norm:.3g} vs recent mean {sum(self.grad.values) / len(self.grad.values):.3g}"))
-        self.loss.push(loss)
-        self.grad.push(grad_norm)
-        for layer in sorted({int(k.split(".")[1]) for k in health if k.startswith("router.")}):
+        """Alerts for the interval ending at `step`: spikes seen since the last interval, then the
+        layer rules on `health` (router_health's metrics, which this completes in place). `loss` and
+        `grad_norm` are the interval's logged values; the spike rules judge the per-step values
+        that `check_step` saw instead, so they are not used here."""
+        if self.rollbacks != self.rollbacks_seen:
+            # NOTE: the trainer rolled back since the last interval: the model is an older one, so
+            # the persistence counters describe a trajectory that no longer exists. Start them again.
+            self.rollbacks_seen = self.rollbacks
+            self.starved.clear()
+            self.skewed.clear()
+            self.firing.clear()
+        alerts = self._spike_alerts()
+        for key, value in self.interval_max.items():
+            health[f"{key}_max"] = value
+        self.interval_max.clear()
+        for layer in router_layers(health):
             alerts.extend(self._layer_rules(step, layer, health))
         return alerts
 
-    def _once(self, rule: str, layer: int | None, alert: Alert) -> list[Alert]:
-        if (rule, layer) in self.flagged:
+    def _spike_alerts(self) -> list[Alert]:
+        alerts = []
+        for rule, what, fmt, sigma in (("loss_spike", "loss", ".3f", self.cfg.spike_sigma), ("grad_spike", "gradient norm", ".3g", self.cfg.grad_spike_sigma)):
+            s = self.pending.pop(rule, None)
+            if s is None:
+                continue
+            more = f"; {s.count} spiking steps in the interval, peak {s.peak:{fmt}}" if s.count > 1 else ""
+            alerts.append(Alert(
+                s.step, rule, self.cfg.on_spike,
+                f"{what} spike at step {s.step}: {s.value:{fmt}} above the limit {s.limit:{fmt}} "
+                f"(rolling mean {s.mean:{fmt}} + {sigma:g} sigma over up to {self.cfg.spike_window} steps){more}",
+                value=s.value, threshold=s.limit))
+        return alerts
+
+    def _fire(self, rule: str, layer: int, condition: bool, alert: Alert | None) -> list[Alert]:
+        """Alert once when a condition starts to hold; re-arm when it clears."""
+        key = (rule, layer)
+        if not condition:
+            self.firing.discard(key)
             return []
-        self.flagged.add((rule, layer))
+        if key in self.firing:
+            return []
+        self.firing.add(key)
         return [alert]
+
+    def dead_floor(self, num_experts: int) -> float:
+        """Share below which an expert counts as starved in an interval."""
+        return self.cfg.dead_share / max(num_experts, 1)
 
     def _layer_rules(self, step: int, layer: int, health: dict[str, Any]) -> list[Alert]:
         p = f"router.{layer}."
-        alerts: list[Alert] = []
-        imbalance = health[p + "imbalance"]
-        self.skewed[str(layer)] = self.skewed.get(str(layer), 0) + 1 if imbalance >= self.collapse_threshold else 0
-        if self.skewed[str(layer)] >= self.cfg.persist_intervals:
-            share = health[p + "share"]
-            top = max(range(len(share)), key=share.__getitem__)
-            alerts += self._once("collapse", layer, Alert(
-                step, "collapse", self.cfg.on_collapse,
-                f"layer {layer}: routing collapsed, max/mean expert load {imbalance:.2f} (threshold {self.collapse_threshold:.2f}) "
-                f"for {self.skewed[str(layer)]} intervals; expert {top} takes {share[top]:.0%} of slots",
-                layer))
-        share = health[p + "share"]
+        cfg = self.cfg
+        share: list[float] = health[p + "share"]
         E = len(share)
-        floor = self.cfg.dead_share / E
-        counters = self.starved.setdefault(str(layer), [0] * E)
-        for e, s in enumerate(share):
-            counters[e] = counters[e] + 1 if s < floor else 0
-        dead = [e for e, c in enumerate(counters) if c >= self.cfg.persist_intervals]
-        if dead:
-            alerts += self._once("dead_experts", layer, Alert(
-                step, "dead_experts", self.cfg.on_dead,
-                f"layer {layer}: {len(dead)} dead expert(s) {dead[:8]} (share below {floor:.2%} for {self.cfg.persist_intervals} intervals)",
-                layer))
+        key = str(layer)
+        alerts: list[Alert] = []
+        if health.get(p + "tokens", 1.0) <= 0 or sum(share) <= 0:
+            # An interval without routed tokens says nothing about the routing: counters stay put.
+            health[p + "starved"] = 0
+            health[p + "dead"] = sum(c >= cfg.persist_intervals for c in self.starved.get(key, []))
+            health[p + "dead_experts"] = [e for e, c in enumerate(self.starved.get(key, [])) if c >= cfg.persist_intervals]
+            return alerts
+
+        # Collapse: routing concentrated on few experts (collapse score), or max/mean load above an
+        # absolute limit when one is configured, for persist_intervals consecutive intervals.
+        score = health.get(p + "collapse_score")
+        if score is None:  # metrics from before the score existed
+            score = collapse_score(share, self.top_k)
+        imbalance = health[p + "imbalance"]
+        skewed = score >= cfg.collapse_score or (cfg.collapse_imbalance > 0 and imbalance >= cfg.collapse_imbalance)
+        self.skewed[key] = self.skewed.get(key, 0) + 1 if skewed else 0
+        collapsed = self.skewed[key] >= cfg.persist_intervals
+        top = max(range(E), key=share.__getitem__)
+        n_eff = effective_experts(share)
+        alerts += self._fire("collapse", layer, collapsed, Alert(
+            step, "collapse", cfg.on_collapse,
+            f"layer {layer}: routing collapsed onto {n_eff:.1f} effective experts of {E} (collapse score {score:.2f} >= "
+            f"{cfg.collapse_score:g} for {self.skewed[key]} intervals); expert {top} takes {share[top]:.0%} of the slots, "
+            f"max/mean load {imbalance:.2f}",
+            layer, value=score, threshold=cfg.collapse_score) if collapsed else None)
+
+        # Dead experts: share below dead_share / E for persist_intervals consecutive intervals.
+        floor = self.dead_floor(E)
+        counters = self.starved.get(key)
+        if counters is None or len(counters) != E:
+            counters = [0] * E
+        counters = [c + 1 if s < floor else 0 for c, s in zip(counters, share)]
+        self.starved[key] = counters
+        dead = [e for e, c in enumerate(counters) if c >= cfg.persist_intervals]
+        health[p + "starved"] = sum(s < floor for s in share)
         health[p + "dead"] = len(dead)
-        max_logit = health[p + "max_logit"]
-        if max_logit > self.cfg.logit_growth:
-            alerts += self._once("logit_growth", layer, Alert(
-                step, "logit_growth", self.cfg.on_logit_growth,
-                f"layer {layer}: max router logit {max_logit:.1f} exceeds {self.cfg.logit_growth:g} (bf16 softmax loses precision)",
-                layer))
+        health[p + "dead_experts"] = dead
+        alerts += self._fire("dead_experts", layer, bool(dead), Alert(
+            step, "dead_experts", cfg.on_dead,
+            f"layer {layer}: {len(dead)} dead expert(s) {dead[:8]}{'...' if len(dead) > 8 else ''} "
+            f"(share below {floor:.2%} for {cfg.persist_intervals} intervals)",
+            layer, value=float(len(dead)), threshold=floor) if dead else None)
+
+        # Router logit growth: a non-finite logit counts as grown.
+        max_logit = health.get(p + "max_logit", 0.0)
+        grown = not math.isfinite(max_logit) or max_logit > cfg.logit_growth
+        key_fire = ("logit_growth", layer)
+        if key_fire in self.firing and math.isfinite(max_logit) and max_logit > 0.9 * cfg.logit_growth:
+            grown = True  # NOTE: hysteresis: re-arm only below 90% of the limit, so a logit hovering at it alerts once
+        alerts += self._fire("logit_growth", layer, grown, Alert(
+            step, "logit_growth", cfg.on_logit_growth,
+            f"layer {layer}: max router logit {max_logit:.1f} exceeds {cfg.logit_growth:g} "
+            "(softmax in bf16 loses precision; consider router z-loss)",
+            layer, value=max_logit, threshold=cfg.logit_growth) if grown else None)
         return alerts
+
+    # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss": list(self.loss.values),
             "grad": list(self.grad.values),
+            "pending": {rule: asdict(s) for rule, s in self.pending.items()},
+            "interval_max": dict(self.interval_max),
             "starved": {k: list(v) for k, v in self.starved.items()},
             "skewed": dict(self.skewed),
+            "firing": [[rule, layer] for rule, layer in sorted(self.firing)],
             "rollbacks": self.rollbacks,
-            "flagged": [[rule, -1 if layer is None else layer] for rule, layer in sorted(self.flagged, key=str)],
+            "rollbacks_seen": self.rollbacks_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict`; checkpoints written by earlier versions (without some keys,
+        or with the old alert-once `flagged` list) load too."""
+        self.loss.values.clear()
+        self.grad.values.clear()
         self.loss.values.extend(float(v) for v in state.get("loss", []))
         self.grad.values.extend(float(v) for v in state.get("grad", []))
+        self.pending = {rule: _Spike(**s) for rule, s in state.get("pending", {}).items()}
+        self.interval_max = {k: float(v) for k, v in state.get("interval_max", {}).items()}
         self.starved = {k: [int(x) for x in v] for k, v in state.get("starved", {}).items()}
         self.skewed = {k: int(v) for k, v in state.get("skewed", {}).items()}
+        firing = state.get("firing", state.get("flagged", []))
+        self.firing = {(str(rule), int(layer)) for rule, layer in firing if layer is not None and int(layer) >= 0}
         self.rollbacks = int(state.get("rollbacks", 0))
-        self.flagged = {(rule, None if layer == -1 else int(layer)) for rule, layer in state.get("flagged", [])}
+        self.rollbacks_seen = int(state.get("rollbacks_seen", self.rollbacks))
