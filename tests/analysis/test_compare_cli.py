@@ -98,3 +98,28 @@ def test_compare_bad_input(capsys, tmp_path) -> None:
     assert "--budget" in capsys.readouterr().err
     assert main(["sweep", "--preset", "tiny", "--experts", "0,4"]) == 2
     assert "--experts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
+    """A branch cooled down from the stable phase must reproduce exactly the run that had the
+    smaller budget from the start (same data order, same schedule up to the branch)."""
+    from moelab.analysis.compare import cooldown_curve, cooldown_points
+    from moelab.rundir import RunDir
+    from moelab.train.trainer import Trainer
+
+    settings = ["train.schedule=wsd", "train.max_steps=32", "train.warmup_steps=2", "train.eval_every=8",
+                "train.checkpoint_every=8", "train.sample_tokens=0", "train.log_every=1"]
+    cfg = load_config(preset="tiny", overrides=settings)
+    points = cooldown_points(cfg)
+    assert points == [(16, 13), (20, 16), (24, 19), (28, 22)]
+    main_run = tmp_path / "runs" / "m"
+    Trainer(cfg, main_run, log=lambda s: None, progress=False, checkpoint_steps=frozenset(s for _, s in points)).fit()
+    curve = cooldown_curve("m", cfg, main_run, tmp_path / "runs", log=lambda s: None, progress=False)
+    assert len(curve) == 5
+    direct = load_config(preset="tiny", overrides=settings + ["train.max_steps=20"])
+    result = Trainer(direct, tmp_path / "direct", log=lambda s: None, progress=False).fit()
+    assert curve[1][1] == result.val_loss  # exactly the run with a 20-step budget
+    branch_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "runs" / "m-cooldown-20").read_metrics() if "loss" in r]
+    direct_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "direct").read_metrics() if "loss" in r]
+    assert branch_losses == direct_losses

@@ -45,7 +45,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = Budget("minutes", args.max_minutes)
     baseline = load_config(args.baseline, None, config_overrides(args)) if args.baseline else None
     out = Path(args.out) if args.out else Path("runs") / "compare"
-    results = compare(models, out, budget, args.match, baseline, args.evals, log=log_err, progress=not args.quiet)
+    results = compare(models, out, budget, args.match, baseline, args.evals, log=log_err, progress=not args.quiet, cooldowns=not args.no_cooldown)
     print(compare_text(results))
     print(f"\nreport: {out / 'report.html'}  data: {out / 'compare.json'}")
     return 0
@@ -123,6 +123,7 @@ def register(sub, command) -> None:
     p.add_argument("--match", default="active", choices=["active", "total"], help="pair the dense model by FLOPs per token (active) or by total parameters")
     p.add_argument("--budget", help="per model: tokens=N, flops=N or minutes=N (default: the first MoE config's max_steps, as FLOPs)")
     p.add_argument("--evals", type=int, default=12, help="evaluations per learning curve")
+    p.add_argument("--no-cooldown", action="store_true", help="with a wsd schedule, skip the cooled-down branches and read the multiplier on the raw evaluation curve")
     p.add_argument("--out", help="output directory (default runs/compare)")
     p.add_argument("--max-minutes", type=float, help="per model wall-time budget (same as --budget minutes=M)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

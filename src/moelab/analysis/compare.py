@@ -135,6 +135,72 @@ def apply_budget(cfg: RunConfig, budget: Budget, evals: int = DEFAULT_EVALS, spe
     return cfg.validate()
 
 
+# Budgets (as fractions of the full one) at which a WSD run is cooled down from its stable phase.
+COOLDOWN_FRACTIONS = (0.5, 0.625, 0.75, 0.875)
+
+
+def cooldown_points(cfg: RunConfig, fractions: tuple[float, ...] = COOLDOWN_FRACTIONS) -> list[tuple[int, int]]:
+    """(budget steps, branch step) for each shorter budget: a WSD run with budget N_b decays over its
+    last decay_fraction, so it equals the full run until step N_b - decay and can branch from there."""
+    N, decay = cfg.train.max_steps, cfg.train.decay_fraction
+    points = []
+    for f in fractions:
+        budget = max(2, round(N * f))
+        start = budget - max(1, round(decay * budget))
+        if cfg.train.warmup_steps < start < budget < N:
+            points.append((budget, start))
+    return points
+
+
+def cooldown_curve(name: str, cfg: RunConfig, run: Path, out: Path, log: Callable[[str], None], progress: bool) -> list[tuple[float, float]]:
+    """The loss a WSD run would have reached with smaller budgets: for each budget, resume the
+    stable-phase checkpoint in a branch run whose schedule ends (decays) at that budget.
+    Returns (training FLOPs, final validation loss) per budget, the full run's own final included."""
+    import shutil
+
+    from moelab.train.trainer import Trainer
+
+    curve = []
+    for budget, start in cooldown_points(cfg):
+        branch = out / f"{name}-cooldown-{budget}"
+        rd = RunDir(branch)
+        summary = rd.read_summary()
+        if summary is None or summary.get("step") != budget:
+            if branch.exists():
+                shutil.rmtree(branch)
+            source = RunDir(run).path / "checkpoints" / f"step_{start:07d}"
+            if not source.is_dir():
+                raise MoelabError(f"{run} has no checkpoint at step {start} to cool down from; rerun the comparison")
+            branch_cfg = copy.deepcopy(RunDir(run).load_config())
+            branch_cfg.train.max_steps = budget
+            branch.mkdir(parents=True)
+            write_atomic(branch / "config.toml", branch_cfg.to_toml())
+            for f in ("tokenizer.json", "data.json"):
+                shutil.copyfile(RunDir(run).path / f, branch / f)
+            rows = [r for r in RunDir(run).read_metrics() if r.get("step", 0) <= start]
+            write_atomic(branch / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            shutil.copytree(source, branch / "checkpoints" / source.name, copy_function=_link_or_copy)
+            log(f"[{name}] cooling down from step {start} to a budget of {budget} steps")
+            Trainer(branch_cfg, branch, resume=True, log=log, progress=progress).fit()
+            summary = rd.read_summary()
+        curve.append((summary["flops"], summary["val_loss"]))
+    final = RunDir(run).read_summary()
+    curve.append((final["flops"], final["val_loss"]))
+    return curve
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Checkpoint files are never modified in place, so a branch can share them by hard link."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 @torch.no_grad()
 def inference_tokens_per_s(run: Path, tokens: int = 64, repeats: int = 3) -> float:
     """Decode speed at batch 1 with a KV cache (greedy), median of a few repeats."""
@@ -176,7 +242,9 @@ def _run_is_finished(run: Path, cfg: RunConfig) -> bool:
     return saved.to_dict() == cfg.to_dict() and summary.get("step") == cfg.train.max_steps
 
 
-def train_or_reuse(name: str, cfg: RunConfig, run: Path, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+def train_or_reuse(
+    name: str, cfg: RunConfig, run: Path, log: Callable[[str], None], progress: bool, checkpoint_steps: frozenset[int] = frozenset()
+) -> dict[str, Any]:
     """Train `cfg` into `run` unless an identical finished run is there; resume an interrupted one."""
     from moelab.train.trainer import Trainer
 
@@ -192,10 +260,10 @@ def train_or_reuse(name: str, cfg: RunConfig, run: Path, log: Callable[[str], No
         if saved.to_dict() != wanted.to_dict():
             raise MoelabError(f"{run} holds a run with another config; remove it or choose another --out")
         log(f"[{name}] resuming the interrupted run in {run}")
-        trainer = Trainer(saved, run, resume=True, log=log, progress=progress)
+        trainer = Trainer(saved, run, resume=True, log=log, progress=progress, checkpoint_steps=checkpoint_steps)
     else:
         log(f"[{name}] training into {run}")
-        trainer = Trainer(cfg, run, log=log, progress=progress)
+        trainer = Trainer(cfg, run, log=log, progress=progress, checkpoint_steps=checkpoint_steps)
     trainer.fit()
     return rd.read_summary()
 
@@ -209,6 +277,7 @@ def compare(
     evals: int = DEFAULT_EVALS,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    cooldowns: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse) the dense baseline and each MoE variant, then write compare.json, plots and
     report.html into `out`. Returns the comparison as a dict."""
@@ -231,7 +300,8 @@ def compare(
     results: dict[str, Any] = {"budget": budget.__dict__, "budget_text": budget.describe(), "match": match, "models": {}}
     for name, cfg in planned:
         run = out / "runs" / name
-        summary = train_or_reuse(name, cfg, run, log, progress)
+        branch_steps = frozenset(start for _, start in cooldown_points(cfg)) if (cooldowns and cfg.train.schedule == "wsd") else frozenset()
+        summary = train_or_reuse(name, cfg, run, log, progress, branch_steps)
         flops, seconds, losses = eval_curve(run)
         vocab = summary["params"]
         results["models"][name] = {
@@ -253,11 +323,20 @@ def compare(
             "curve": {"flops": flops, "train_s": seconds, "val_loss": losses},
         }
     base = results["models"]["dense"]
-    for name, r in results["models"].items():
+    for (name, cfg), (_, r) in zip(planned, results["models"].items()):
         if name == "dense":
             continue
         c = r["curve"]
-        r["compute_multiplier"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], c["flops"], c["val_loss"])
+        r["compute_multiplier_curve"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], c["flops"], c["val_loss"])
+        r["compute_multiplier"] = r["compute_multiplier_curve"]
+        r["multiplier_method"] = "evaluation curve"
+        if cfg.train.schedule == "wsd" and cooldowns:
+            # NOTE: mid-run points of a WSD run have not decayed their learning rate, so they
+            # understate what a run with that smaller budget reaches. Cooled-down branches measure it.
+            cooled = cooldown_curve(name, cfg, Path(r["run"]), out / "runs", log, progress)
+            r["cooldown_curve"] = {"flops": [f for f, _ in cooled], "val_loss": [v for _, v in cooled]}
+            r["compute_multiplier"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], r["cooldown_curve"]["flops"], r["cooldown_curve"]["val_loss"])
+            r["multiplier_method"] = "cooldown branches"
         r["loss_gap"] = r["val_loss"] - base["val_loss"]
     results["verdicts"] = verdicts(results)
     write_atomic(out / "compare.json", json.dumps(results, indent=1))

@@ -36,6 +36,9 @@ def compare_plots(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
             points = [(x, y) for x, y in zip(xs, ys) if x > 0]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=COLORS[i % len(COLORS)], label=f"{name}: {r['architecture']}")
+            if key == "flops" and r.get("cooldown_curve"):
+                cooled = r["cooldown_curve"]
+                ax.plot(cooled["flops"], cooled["val_loss"], ls=":", marker="D", ms=4, color=COLORS[i % len(COLORS)], label=f"{name}: cooled down at smaller budgets")
         ax.axhline(dense_final, color="#555", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)

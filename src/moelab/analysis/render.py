@@ -34,7 +34,7 @@ def compare_rows(results: dict[str, Any]) -> list[list[str]]:
             f"{r['val_loss']:.4f}",
             f"{r['val_ppl']:.2f}",
             f"{r['inference_tokens_per_s']:.0f}",
-            "baseline" if name == "dense" else _mult(r.get("compute_multiplier")),
+            "baseline" if name == "dense" else _mult(r.get("compute_multiplier")) + (" (cooldowns)" if r.get("multiplier_method") == "cooldown branches" else ""),
         ])
     return rows
 
@@ -59,8 +59,12 @@ def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> st
     notes = report.paragraph(
         "Compute multiplier: the fraction of the dense model's training FLOPs at which the MoE first reached the dense "
         "model's final validation loss, interpolated between evaluations. Below 1, the MoE buys the dense quality for "
-        "less compute; 'not reached' means it never got there within its budget. All models saw the same data in the "
-        "same order with the same seed."
+        "less compute; 'not reached' means it never got there within its budget. With a warmup-stable-decay schedule "
+        "the mid-run evaluations are taken before the learning rate decays, so they understate what a shorter run "
+        "reaches: the MoE is then also cooled down from its stable phase at 50%, 62.5%, 75% and 87.5% of the budget "
+        "(branches that decay over their last 20%, exactly as a run with that budget would) and the multiplier is read "
+        "on those cooled-down losses ('cooldowns'); the evaluation-curve value is kept in compare.json. All models saw "
+        "the same data in the same order with the same seed."
     )
     return report.page(
         "moelab compare: dense vs sparse",
