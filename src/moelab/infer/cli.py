@@ -1,7 +1,226 @@
-"""CLI commands of this subsystem (registered by moelab.cli)."""
+"""CLI commands of the inference subsystem (registered by moelab.cli): serve and chat."""
 
 from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from moelab.errors import MoelabError
+
+API_KEY_ENV = "MOELAB_API_KEY"
+
+
+def _sampling_params(args: argparse.Namespace):
+    from moelab.infer.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise MoelabError(str(exc)) from None
+    return params
+
+
+def _engine_config(args: argparse.Namespace):
+    from moelab.infer.engine import EngineConfig
+
+    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise MoelabError(f"--{str(exc).replace('_', '-')}") from None
+    return config
+
+
+def _set_threads(threads: int) -> None:
+    """--threads: torch's intra-op threads for this process (the engine thread inherits them).
+    On a busy or shared CPU one thread is often faster for the small operations of decoding."""
+    import torch
+
+    if threads < 0:
+        raise MoelabError(f"--threads {threads} is not allowed: an integer >= 1, or 0 for torch's default")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run (its newest checkpoint) or one checkpoint over HTTP with the OpenAI API:
+    GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
+    "stream": true), GET /health (503 while the model loads) and GET /metrics (Prometheus).
+    Requests that arrive while others are generating join the running batch at the next step.
+    With --api-key (or the MOELAB_API_KEY environment variable) every route but /health needs the
+    header 'Authorization: Bearer KEY'. See docs/serving.md."""
+    from moelab.infer.server import ServerSettings, bind, create_app, load_servable, uvicorn_server
+    from moelab.rundir import resolve_checkpoint
+    from moelab.train.trainer import resolve_device
+
+    run, checkpoint = resolve_checkpoint(args.run)  # bad paths fail now, not in the background
+    resolve_device(args.device)
+    _set_threads(args.threads)
+    if not 0 <= args.port <= 65535:
+        raise MoelabError(f"--port {args.port} is not allowed: 0 (any free port) to 65535")
+    if args.max_body_bytes < 1024:
+        raise MoelabError(f"--max-body-bytes {args.max_body_bytes} is not allowed: at least 1024")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        raise MoelabError(f"the API key (--api-key or ${API_KEY_ENV}) is empty; give a key or leave both unset")
+    name = args.model_name or run.path.name
+    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, engine=_engine_config(args))
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise MoelabError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s:     %(message)s")
+    failures: list[str] = []
+    server = None
+
+    def stop_on_load_error(message: str) -> None:
+        failures.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(lambda: load_servable(checkpoint, args.device), settings, stop_on_load_error)
+    server = uvicorn_server(app, args.host, args.port, args.log_level)
+    port = sock.getsockname()[1]
+    url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
+    auth = "Bearer key required" if api_key else "no API key"
+    print(f"moelab: listening on {url}; serving {checkpoint} as model {name!r} ({auth}); loading in the background", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if failures:
+        raise MoelabError(f"cannot serve {args.run}: {failures[0]}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with a run in the terminal, through the same engine and chat format as the server.
+    Type a message and the reply streams as it is generated. /reset starts a new conversation,
+    /exit (or Ctrl-D) quits, Ctrl-C stops a reply. When the conversation outgrows the context
+    window the oldest turns are dropped."""
+    from moelab.infer.chat import ChatEncoder
+    from moelab.infer.engine import Engine, EngineConfig
+    from moelab.rundir import load_model
+    from moelab.train.trainer import resolve_device
+
+    params = _sampling_params(args)
+    if args.max_tokens < 1:
+        raise MoelabError(f"--max-tokens {args.max_tokens} is not allowed: an integer >= 1")
+    _set_threads(args.threads)
+    loaded = load_model(args.run, resolve_device(args.device))
+    if not ChatEncoder.supports(loaded.tokenizer):
+        raise MoelabError(f"{args.run}: the model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use moelab generate")
+    with Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_queue=1)) as engine:
+        session = ChatSession(engine, ChatEncoder(loaded.tokenizer), params, args.max_tokens, args.seed, args.system)
+        print(f"moelab chat with {loaded.run.path} (step {loaded.step}); /reset starts over, /exit quits", file=sys.stderr)
+        session.repl(input, _write)
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+class ChatSession:
+    """A conversation held in the terminal: the history, trimmed to the context window."""
+
+    def __init__(self, engine, encoder, params, max_tokens: int, seed: int | None, system: str | None):
+        self.engine, self.encoder, self.params = engine, encoder, params
+        self.max_tokens, self.seed = max_tokens, seed
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict] = []
+
+    def prompt_ids(self) -> list[int] | None:
+        """The conversation's ids with room for at least one reply token, dropping the oldest
+        turns as needed; None if even the last message alone does not fit."""
+        while True:
+            ids = self.encoder.encode(self.system + self.turns)
+            if len(ids) < self.engine.context:
+                return ids
+            if len(self.turns) <= 1:
+                self.turns = []
+                return None
+            self.turns = self.turns[2 if len(self.turns) > 2 else 1 :]  # the oldest turn and its reply
+
+    def reply(self, message: str, write: Callable[[str], None]) -> str:
+        from moelab.infer.engine import Chunk, Failed, Request
+
+        self.turns.append({"role": "user", "content": message})
+        ids = self.prompt_ids()
+        if ids is None:
+            write(f"[the message does not fit the context window of {self.engine.context} tokens]\n")
+            return ""
+        request = Request((tuple(ids),), min(self.max_tokens, self.engine.context - len(ids)), self.params, seed=self.seed, stop_token_ids=self.encoder.stop_token_ids)
+        pieces = []
+        try:
+            for event in self.engine.stream(request):
+                if isinstance(event, Chunk) and event.text:
+                    pieces.append(event.text)
+                    write(event.text)
+                elif isinstance(event, Failed):
+                    write(f"\n[generation failed: {event.message}]")
+        except KeyboardInterrupt:  # stops this reply (the stream cancels the request), not the chat
+            write(" [stopped]")
+        write("\n")
+        text = "".join(pieces)
+        self.turns.append({"role": "assistant", "content": text})
+        return text
+
+    def repl(self, read: Callable[[str], str], write: Callable[[str], None]) -> None:
+        while True:
+            try:
+                line = read("you> ")
+            except (EOFError, KeyboardInterrupt):
+                write("\n")
+                return
+            command = line.strip()
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                self.turns = []
+                write("[new conversation]\n")
+                continue
+            if command:
+                write("assistant> ")
+                self.reply(line, write)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=16, help="sequences generated together (KV-cache rows; default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens prefilled in one step (default 4096)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
 
 
 def register(sub, command) -> None:
     """Add this subsystem's subcommands to the `moelab` parser."""
+    p = command(sub, "serve", cmd_serve, "serve a run over HTTP with the OpenAI API (completions, chat, streaming)")
+    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or one checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else no key)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice; 1 is often faster on a busy CPU)")
+    _add_engine_flags(p)
+
+    p = command(sub, "chat", cmd_chat, "chat with a run in the terminal")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
+    p.add_argument("--system", default=None, help="a system message that starts the conversation")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (cut to the context window)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice)")
+    _add_sampling_flags(p)

@@ -1,0 +1,287 @@
+"""The OpenAI wire format: request bodies checked into typed requests, response and stream-chunk
+bodies, and the error shape {"error": {"message", "type", "param", "code"}}.
+
+Checks here need no model; token counts and the context window are checked by the server.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from moelab.infer.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class GenerationBody:
+    """What completions and chat requests share, checked."""
+
+    model: str
+    max_tokens: int | None  # None: the endpoint's default
+    params: SamplingParams
+    n: int
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+
+
+@dataclass(frozen=True)
+class CompletionBody(GenerationBody):
+    prompts: tuple[str | tuple[int, ...], ...] = ()  # text, or token ids
+
+
+@dataclass(frozen=True)
+class ChatBody(GenerationBody):
+    messages: tuple[dict[str, str], ...] = ()  # {"role": system|user|assistant, "content": text}
+
+
+_SHARED = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
+           "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user"}  # fmt: skip
+_COMPLETION_ONLY = {"prompt", "echo", "best_of", "suffix"}
+_CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+              "parallel_tool_calls", "functions", "function_call", "metadata", "store", "service_tier", "modalities"}  # fmt: skip
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value) or value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise bad_request(f"{name} = {value!r} is not allowed: a number in {bracket}{low:g}, {high:g}]", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise bad_request(f"{name} = {value!r} is not allowed: {allowed}", name)
+    return value
+
+
+def _unsupported(body: dict, name: str, is_default) -> None:
+    if name in body and body[name] is not None and not is_default(body[name]):
+        raise bad_request(f"{name} = {body[name]!r} is not supported by this server", name, "unsupported_parameter")
+
+
+def _shared(body: Any, allowed: set[str], max_choices: int) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unrecognized_argument")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model is required: the name of a model from GET /v1/models", "model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request(f"stream = {stream!r} is not allowed: true or false", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+            raise bad_request('stream_options must be {"include_usage": true|false}', "stream_options")
+        include_usage = options.get("include_usage", False)
+    top_k = _integer(body, "top_k", 0, -1)
+    params = SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=max(top_k, 0),  # -1 also means off (as in vLLM)
+    )
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP_STRINGS:
+        stop = tuple(stop)
+    else:
+        raise bad_request(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", "stop")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad_request(f"seed = {seed!r} is not allowed: an integer", "seed")
+    for name in ("presence_penalty", "frequency_penalty"):
+        _number(body, name, 0.0, -2.0, 2.0)
+        _unsupported(body, name, lambda v: v == 0)
+    _unsupported(body, "logit_bias", lambda v: v == {})
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad_request("user must be a string", "user")
+    return dict(
+        model=model,
+        params=params,
+        n=_integer(body, "n", 1, 1, max_choices),
+        seed=seed,
+        stop=stop,
+        stream=bool(stream),
+        include_usage=include_usage,
+    )
+
+
+def parse_completion(body: Any, max_choices: int) -> CompletionBody:
+    """Check a POST /v1/completions body."""
+    shared = _shared(body, _SHARED | _COMPLETION_ONLY, max_choices)
+    _unsupported(body, "logprobs", lambda v: False)
+    _unsupported(body, "echo", lambda v: v is False)
+    _unsupported(body, "suffix", lambda v: v == "")
+    _unsupported(body, "best_of", lambda v: v == shared["n"])
+    prompts = _prompts(body.get("prompt"))
+    if len(prompts) * shared["n"] > max_choices:
+        raise bad_request(f"{len(prompts)} prompts x n={shared['n']} choices exceed this server's limit of {max_choices}", "n")
+    return CompletionBody(max_tokens=_integer(body, "max_tokens", None, 1), prompts=prompts, **shared)
+
+
+def _prompts(prompt: Any) -> tuple[str | tuple[int, ...], ...]:
+    if isinstance(prompt, str):
+        return (prompt,)
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return tuple(prompt)
+        if all(_is_int(t) for t in prompt):
+            return (tuple(prompt),)
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return tuple(tuple(p) for p in prompt)
+    raise bad_request("prompt is required: a string, a list of strings, a list of token ids, or a list of such lists (none empty)", "prompt")
+
+
+def parse_chat(body: Any, max_choices: int) -> ChatBody:
+    """Check a POST /v1/chat/completions body."""
+    shared = _shared(body, _SHARED | _CHAT_ONLY, max_choices)
+    _unsupported(body, "logprobs", lambda v: v is False)
+    _unsupported(body, "top_logprobs", lambda v: v == 0)
+    _unsupported(body, "response_format", lambda v: v == {"type": "text"})
+    _unsupported(body, "tools", lambda v: v == [])
+    _unsupported(body, "functions", lambda v: v == [])
+    _unsupported(body, "tool_choice", lambda v: v == "none")
+    _unsupported(body, "function_call", lambda v: v == "none")
+    _unsupported(body, "modalities", lambda v: v == ["text"])
+    max_tokens = _integer(body, "max_tokens", None, 1)
+    max_completion = _integer(body, "max_completion_tokens", None, 1)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise bad_request("max_tokens and max_completion_tokens differ; send one of them", "max_completion_tokens")
+    messages = _messages(body.get("messages"))
+    return ChatBody(max_tokens=max_completion if max_completion is not None else max_tokens, messages=messages, **shared)
+
+
+def _messages(messages: Any) -> tuple[dict[str, str], ...]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages is required: a non-empty list of {role, content} objects", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{param} must be an object with role and content", param)
+        extra = sorted(set(message) - {"role", "content", "name"})
+        if extra:
+            raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}", "unsupported_parameter")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{param}.role = {role!r} is not allowed: one of {sorted(CHAT_ROLES)}", f"{param}.role")
+        checked.append({"role": CHAT_ROLES[role], "content": _content(message.get("content"), f"{param}.content")})
+    return tuple(checked)
+
+
+def _content(content: Any, param: str) -> str:
+    """A string, or a list of text parts ({"type": "text", "text": ...}) joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad_request(f"{param}[{j}] must be a text part {{'type': 'text', 'text': ...}}; only text is supported", f"{param}[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"{param} must be a string or a non-empty list of text parts", param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "moelab"}
+
+
+def completion_response(id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict) -> dict[str, Any]:
+    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": use}
+
+
+def chat_response(id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict) -> dict[str, Any]:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+        for i, (t, r) in enumerate(zip(texts, reasons))
+    ]
+    return {"id": id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": use}
+
+
+def completion_chunk(id: str, created: int, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def chat_chunk(id: str, created: int, model: str, index: int, delta: dict, reason: str | None) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(id: str, created: int, model: str, object: str, use: dict) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+    return {"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": use}
