@@ -1,0 +1,263 @@
+"""What the trainer asks of torch.distributed, in one object per process (`Distributed`).
+
+The trainer keeps its single-process loop and calls this object at a few marked places: set-up
+(process groups, expert sharding, DDP), the backward pass (expert gradients, the global gradient
+norm, the mean loss), router statistics and bias balancing, evaluation, and checkpoints. Nothing is
+kept at module level: the process groups live on the object and are passed explicitly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import random
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moelab.config import RunConfig
+from moelab.distributed import checkpoint as dcp
+from moelab.distributed import data_parallel as dp
+from moelab.distributed.expert_parallel import gather_rows, shard_experts
+from moelab.distributed.layout import Layout, check_layout, make_layout
+from moelab.errors import MoelabError
+from moelab.train.monitor import router_health
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise MoelabError(f"{name} = {os.environ[name]!r} is not an integer (torchrun sets it)") from None
+
+
+def world_size() -> int:
+    """Processes in this run: the initialised process group's, else torchrun's WORLD_SIZE, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
+
+
+def wanted(cfg: RunConfig) -> bool:
+    """Whether a run needs torch.distributed: several processes, or expert parallelism asked for
+    (a single process then fails the layout check, saying how to launch)."""
+    return world_size() > 1 or cfg.parallel.expert > 1
+
+
+def _device_type(cfg: RunConfig) -> str:
+    name = cfg.train.device
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Distributed:
+    """One process of a data- and expert-parallel run (see moelab.distributed.layout)."""
+
+    def __init__(self, layout: Layout, device: torch.device):
+        self.layout = layout
+        self.device = device
+        self.world_group = dist.group.WORLD
+        # Every rank creates every subgroup, in the same order (new_group is collective).
+        self.expert_group = None  # this rank's expert-parallel group (P > 1)
+        self.replica_group = None  # the ranks holding the same experts (W / P > 1)
+        if layout.expert > 1:
+            for ranks in layout.expert_groups:
+                group = dist.new_group(ranks)
+                if layout.rank in ranks:
+                    self.expert_group = group
+            if layout.world > layout.expert:
+                for ranks in layout.replica_groups:
+                    group = dist.new_group(ranks)
+                    if layout.rank in ranks:
+                        self.replica_group = group
+
+    @classmethod
+    def from_env(cls, cfg: RunConfig, timeout_s: float = 1800.0) -> "Distributed":
+        """Check the layout, then join (or create) the process group torchrun set up."""
+        world = world_size()
+        device_type = _device_type(cfg)
+        check_layout(cfg, world, device_type)  # before any collective, so every rank fails alike
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise MoelabError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+        if not dist.is_initialized():
+            backend = cfg.parallel.backend
+            if backend == "auto":
+                backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            # NOTE: a run has no end-of-life hook (the command line just returns); tear the group
+            # down at exit, as NCCL warns about communicators left open otherwise.
+            atexit.register(_destroy_if_initialized)
+        rank = dist.get_rank()
+        local_rank = _env_int("LOCAL_RANK", rank)
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        return cls(make_layout(cfg, world, rank, local_rank), device)
+
+    # -- who am I ------------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.layout.rank == 0
+
+    @property
+    def full_model_here(self) -> bool:
+        """Whether this rank holds every expert (no expert parallelism): it can generate alone."""
+        return self.layout.expert == 1
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.world_group)
+
+    def main_first_begin(self) -> None:
+        """Rank 0 runs the code up to `main_first_end` first (it fills the token cache and creates
+        the run directory), then the others: no two processes write the same files at once."""
+        self.barrier()  # everyone has finished what came before (e.g. checking the output directory)
+        if not self.is_main:
+            self.barrier()  # wait for rank 0's main_first_end
+
+    def main_first_end(self) -> None:
+        if self.is_main:
+            self.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of a small picklable object, on every rank."""
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.world_group)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (decisions all ranks must take together)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
+        return bool(t.item() > 0)
+
+    def describe(self) -> str:
+        L = self.layout
+        ep = f"expert parallel over {L.expert} ranks ({L.local_experts} of {L.num_experts} experts each)" if L.expert > 1 else "experts replicated"
+        return f"distributed: {L.world} processes ({dist.get_backend()}), data parallel over all, {ep}"
+
+    # -- the model -----------------------------------------------------------------------------
+
+    def shard(self, model: nn.Module) -> None:
+        """Keep this rank's experts (before the model moves to its device) and make the balancing
+        loss global. Every rank must have built the same model (same seed)."""
+        if self.layout.expert > 1:
+            shard_experts(model, shard=self.layout.expert_rank, group=self.expert_group, group_size=self.layout.expert)
+        dp.install_global_balancing(model, self.world_group)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to call for training forwards (DDP over the replicated parameters)."""
+        return dp.wrap_ddp(model, self.device, self.world_group)
+
+    def no_sync(self, train_model: nn.Module, last_micro_batch: bool):
+        """Gradient accumulation: DDP reduces once, after the last micro-batch."""
+        return nullcontext() if last_micro_batch else train_model.no_sync()
+
+    def finish_backward(self, model: nn.Module) -> None:
+        dp.sync_expert_grads(model, self.world, self.replica_group, self.world // self.layout.expert)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        return dp.clip_grad_norm(model, max_norm, self.expert_group)
+
+    def mean(self, *values: float) -> list[float]:
+        return dp.all_reduce_mean(list(values), self.world, self.device, self.world_group)
+
+    def sum(self, *values: float) -> list[float]:
+        return [v * self.world for v in self.mean(*values)]
+
+    def update_router_biases(self, model: nn.Module) -> None:
+        dp.reduce_balancing_load(model, self.world_group)
+        model.update_router_biases()
+
+    def router_health(self, model: nn.Module, with_similarity: bool) -> dict[str, Any]:
+        """Router-health metrics of the global batch (statistics summed over ranks, experts
+        gathered): computed on rank 0 and broadcast, so every rank's monitor decides alike."""
+        dp.reduce_router_stats(model, self.world_group)
+        stats = model.router_stats()
+        health: dict[str, Any] | None = None
+        if self.layout.expert == 1:
+            if self.is_main:
+                health = router_health(model, stats, with_similarity)
+        elif self.layout.rank < self.layout.expert:  # rank 0's expert-parallel group gathers
+            health = {}
+            for layer in stats:
+                view = self._gathered_layer(model, layer)
+                if view is not None:
+                    health.update(router_health(view, {layer: stats[layer]}, with_similarity))
+        return self.broadcast(health)
+
+    def _gathered_layer(self, model: nn.Module, layer: int) -> SimpleNamespace | None:
+        """On rank 0, a stand-in for `model` with layer `layer`'s full experts (and gradients), in
+        the shape moelab.train.monitor.router_health reads; one layer at a time bounds the memory."""
+        moe = model.blocks[layer].ffn
+        experts = moe.experts
+        full = {}
+        for attr in ("gate_up_proj", "down_proj"):
+            p = getattr(experts, attr)
+            t = gather_rows(p, self.expert_group, self.layout.expert, dst_global=0)
+            g = gather_rows(p.grad, self.expert_group, self.layout.expert, dst_global=0) if p.grad is not None else None
+            if t is not None:
+                t.grad = g
+            full[attr] = t
+        if not self.is_main:
+            return None
+        blocks = [SimpleNamespace(is_moe=False, ffn=None) for _ in model.blocks]
+        blocks[layer] = SimpleNamespace(is_moe=True, ffn=SimpleNamespace(cfg=moe.cfg, experts=SimpleNamespace(**full)))
+        return SimpleNamespace(blocks=blocks)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def eval_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """This rank's rows of an evaluation batch. Every rank must run the same number of
+        forwards (the expert all-to-alls are collective), so a rank left without rows evaluates
+        the first row again and does not count it (the third value)."""
+        per = math.ceil(x.shape[0] / self.world)
+        start = min(self.rank * per, x.shape[0])
+        stop = min(start + per, x.shape[0])
+        if stop == start:
+            return x[:1], y[:1], False
+        return x[start:stop], y[start:stop], True
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict[str, Any], keep: int, protected: frozenset[int]) -> None:
+        dcp.save_distributed_checkpoint(run_dir, step, model, optimizer, trainer_state, keep, protected, self.layout, self.expert_group, self.world_group)
+
+    def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        return dcp.load_sharded_checkpoint(path, model, self.layout)
+
+    def local_trainer_state(self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int) -> dict[str, Any]:
+        return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed)
+
+    def seed_rank(self, seed: int) -> None:
+        """After the (identical) model initialisation, give ranks other than 0 their own random
+        stream (router jitter); rank 0 keeps the single-process stream."""
+        if self.rank > 0:
+            s = dcp.rank_seed(seed, 0, self.rank)
+            torch.manual_seed(s)
+            random.seed(s)
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
