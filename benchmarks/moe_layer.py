@@ -6,8 +6,8 @@ mode (inference), forward+backward in train mode (with the router losses and sta
 pays for). Where Hugging Face transformers is installed, its Mixtral and OLMoE sparse blocks (eager
 and grouped_mm experts) run in the same table. Timings are interleaved (every implementation once
 per round) and the median of the rounds is reported as a ratio to the dense reference. Peak memory
-is the growth of the resident set during one forward+backward, measured in a fresh subprocess per
-implementation.
+is the growth of the resident set during one forward+backward (activations, gradients, dispatch
+buffers), measured in a fresh subprocess per implementation.
 
     python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--out benchmarks/results/moe_layer.json]
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -102,20 +102,35 @@ def time_round(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def child_memory(impl: str, config: str, tokens: int) -> None:
-    """Run in a subprocess: print the resident-set growth of one forward+backward, in bytes."""
+    """Run in a subprocess: print the resident-set growth of one forward+backward, in bytes.
+
+    NOTE: ru_maxrss cannot be reset, so the peak left behind by building the module (init
+    temporaries) hid the forward+backward's own peak. Linux resets the peak (VmHWM) on a write of
+    "5" to /proc/self/clear_refs; with malloc's mmap threshold lowered (set by the parent), freed
+    buffers leave the resident set at once, so the resident set tracks live memory."""
     c = CONFIGS[config]
     module = build(impl, c)
     x = torch.randn(1, tokens, c["D"], generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     grad = torch.randn(1, tokens, c["D"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    forward_backward(module, x, grad)  # warm-up: one-time allocations (thread pools, kernels)
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
     forward_backward(module, x, grad)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_bytes": (after - before) * 1024}))
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
 
 
 def peak_memory(impl: str, config: str, tokens: int) -> int | None:
-    out = subprocess.run([sys.executable, __file__, "--child", impl, config, "--tokens", str(tokens)], capture_output=True, text=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, __file__, "--child", impl, config, "--tokens", str(tokens)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]

@@ -183,6 +183,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moe_summary(moe) -> str:
+    text = f"MoE E={moe.num_experts} k={moe.top_k} I={moe.expert_hidden}"
+    if moe.num_shared_experts:
+        text += f" + {moe.num_shared_experts} shared expert(s) of hidden {moe.shared_expert_hidden or moe.expert_hidden}"
+    return text
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Total and active parameters, FLOPs per token (training and inference) and a training memory
     estimate, for a config, a preset or a run directory."""
@@ -200,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     seq = cfg.data.seq_len
     memory = acc.memory_estimate_bytes(mcfg, cfg.train.batch_size, seq, vocab)
     info = {
-        "architecture": "dense" if mcfg.moe is None else f"MoE E={mcfg.moe.num_experts} k={mcfg.moe.top_k} I={mcfg.moe.expert_hidden}",
+        "architecture": "dense" if mcfg.moe is None else _moe_summary(mcfg.moe),
         "vocab_size": vocab,
         "params": counts.to_dict(),
         "train_flops_per_token": acc.train_flops_per_token(mcfg, seq, vocab),
