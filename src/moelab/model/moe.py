@@ -66,7 +66,10 @@ class Router(nn.Module):
         x32_TD = x_TD.float()
         if self.training and cfg.jitter > 0:
             x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - cfg.jitter, 1.0 + cfg.jitter)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x32_TD, self.weight.float())
+        else:  # NOTE: skipping the context manager matters at decode, where the layer is overhead-bound
             logits_TE = F.linear(x32_TD, self.weight.float())
         if cfg.scoring == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
@@ -87,11 +90,12 @@ class Router(nn.Module):
                 # constant): added to probabilities it would only reorder the many near-zero experts,
                 # which makes the load oscillate. With sigmoid it goes on the scores (DeepSeek-V3).
                 select_TE = (logits_TE if cfg.scoring == "softmax" else scores_TE) + self.expert_bias
-            _, expert_TK = select_TE.topk(cfg.top_k, dim=-1)
-            weight_TK = scores_TE.gather(1, expert_TK)
-            if cfg.renormalize:
-                weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-            if cfg.route_scale != 1.0:
+            top_TK, expert_TK = select_TE.topk(cfg.top_k, dim=-1)
+            # Without a bias the selected values are the scores themselves: no gather needed.
+            weight_TK = scores_TE.gather(1, expert_TK) if cfg.bias_update_rate > 0 else top_TK
+            if cfg.renormalize:  # renormalise and scale in one multiply
+                weight_TK = weight_TK * (cfg.route_scale / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20))
+            elif cfg.route_scale != 1.0:
                 weight_TK = weight_TK * cfg.route_scale
             if not need_plan and capacity is None:
                 return Routing(plan=None, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
