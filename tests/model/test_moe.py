@@ -47,6 +47,13 @@ def check_against_reference(moe: MoE, x: torch.Tensor, impl: str) -> None:
     y = y[0]
     y_ref, _, _, _ = moe_reference(ref, x64)
     torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=1e-4)
+    # Autograd off (inference): the in-place SwiGLU path. Eval mode routes the same way (no jitter
+    # here), so the output must equal the same reference.
+    moe.eval()
+    with torch.inference_mode():
+        y_inf = moe(x.clone()[None])[0][0]
+    moe.train()
+    torch.testing.assert_close(y_inf.double(), y_ref, atol=2e-5, rtol=1e-4)
     upstream = torch.randn_like(y_ref)
     (y * upstream.float()).sum().backward()
     (y_ref * upstream).sum().backward()
