@@ -16,7 +16,7 @@ Also reported: decode throughput at batch 1 measured on the model alone (one tok
 median of interleaved rounds), and a diagnostic of what one MoE layer pays at batch 1 for the
 experts no token chose.
 
-    python benchmarks/serve.py [--concurrency 1,4,16] [--requests 2] [--rounds 3] [--http]
+    python benchmarks/serve.py [--concurrency 1,4,16] [--requests 2] [--rounds 3] [--threads 1] [--http]
                                [--out benchmarks/results/serve.json]
 
 --http sends the same load through the real server (uvicorn, SSE streaming, the openai client).
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as moelab serve; 0 = torch's default)")
     ap.add_argument("--http", action="store_true", help="through the HTTP server instead of the engine directly")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the engine runs bf16 autocast on CUDA)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))

@@ -37,7 +37,12 @@ def _engine_config(args: argparse.Namespace):
 
 def _set_threads(threads: int) -> None:
     """--threads: torch's intra-op threads for this process (the engine thread inherits them).
-    On a busy or shared CPU one thread is often faster for the small operations of decoding."""
+
+    NOTE: the default is 1. Decoding runs many small operations on the engine's worker thread,
+    where each multi-threaded one pays for waking the OpenMP team: measured on a 2-core CPU with
+    the default small-moe, the engine generated 197 tokens/s at one client with 1 thread and 84 with
+    2 (its dense twin 215 and 169), and 789 vs 367 at 16 clients (benchmarks/serve.py --threads).
+    Large models on many cores want more: --threads 0 keeps torch's default."""
     import torch
 
     if threads < 0:
@@ -214,7 +219,7 @@ def register(sub, command) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice; 1 is often faster on a busy CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small models, see docs/serving.md; 0 = torch's default)")
     _add_engine_flags(p)
 
     p = command(sub, "chat", cmd_chat, "chat with a run in the terminal")
@@ -222,5 +227,5 @@ def register(sub, command) -> None:
     p.add_argument("--system", default=None, help="a system message that starts the conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (cut to the context window)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small models; 0 = torch's default)")
     _add_sampling_flags(p)
