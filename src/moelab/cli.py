@@ -74,7 +74,7 @@ def log_err(text: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model. With no arguments: the default small MoE on the embedded corpus (the Python
-    standard library's source), about 10 minutes on a 2-core CPU, then the validation loss and a
+    standard library's source), about 11 minutes on a 2-core CPU, then the validation loss and a
     short sample. --resume continues the run in --out from its newest checkpoint (or from the
     checkpoint given), exactly where it stopped."""
     from moelab.rundir import RunDir
