@@ -91,8 +91,8 @@ class Router(nn.Module):
                 # which makes the load oscillate. With sigmoid it goes on the scores (DeepSeek-V3).
                 select_TE = (logits_TE if cfg.scoring == "softmax" else scores_TE) + self.expert_bias
             top_TK, expert_TK = select_TE.topk(cfg.top_k, dim=-1)
-            # Without a bias the selected values are the scores themselves: no gather needed.
-            weight_TK = scores_TE.gather(1, expert_TK) if cfg.bias_update_rate > 0 else top_TK
+            # Selected on the scores themselves (no bias): the top-k values are the weights, no gather.
+            weight_TK = top_TK if select_TE is scores_TE else scores_TE.gather(1, expert_TK)
             if cfg.renormalize:  # renormalise and scale in one multiply
                 weight_TK = weight_TK * (cfg.route_scale / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20))
             elif cfg.route_scale != 1.0:
