@@ -81,7 +81,7 @@ def _parse_floats(text: str, flag: str) -> list[float]:
     except ValueError:
         values = []
     if not values or any(not v > 0 for v in values):
-        raise MoelabError(f"{flag} {text!r} is not allowed: a comma-separated list of numbers > 0, e.g. 1e6,3e6")
+        raise MoelabError(f"{flag} {text!r} is not allowed: a comma-separated list of numbers > 0, e.g. 5e5,1.5e6")
     return values
 
 
@@ -93,13 +93,14 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     is predicted to grow, shrink or flip, and why; warns when the target is far outside the ladder
     or the fit is poor. Finished ladder runs are reused."""
     from moelab.analysis.forecast import forecast_report, run_ladder
+    from moelab.analysis.sweep import parse_int_list
     from moelab.analysis.render import forecast_text
     from moelab.cli import log_err, resolve_config
 
     base = resolve_config(args)
     if base.model.moe is None:
         raise MoelabError("forecast needs an MoE config: its dense twin is derived at every width")
-    widths = [int(w) for w in _parse_floats(args.widths, "--widths")]
+    widths = parse_int_list(args.widths, "--widths")  # model widths are integers: 64.5 is refused, not truncated
     tokens = _parse_floats(args.tokens, "--tokens")
     if args.target_params <= 0 or args.target_tokens <= 0:
         raise MoelabError("--target-params and --target-tokens must be > 0")
