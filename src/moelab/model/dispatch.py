@@ -170,14 +170,19 @@ def experts_swiglu_gathered(
     touched; unchosen experts cost nothing. Copies S = T*k weight sets, so it is for small S only."""
     T, k = expert_TK.shape
     D = x_TD.shape[1]
-    compute_dtype = x_TD.dtype
+    dtype = out_dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
-        compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, gate_up_E2ID, down_EDI = x_TD.to(dtype), gate_up_E2ID.to(dtype), down_EDI.to(dtype)
     experts_S = expert_TK.reshape(-1)  # [S], slot s = token * k + choice
-    x_S1D = x_TD.to(compute_dtype)[:, None, :].expand(T, k, D).reshape(T * k, 1, D)
-    gate_up_S2ID = gate_up_E2ID.to(compute_dtype).index_select(0, experts_S)
-    gate_S1I, up_S1I = torch.bmm(x_S1D, gate_up_S2ID.transpose(1, 2)).chunk(2, dim=-1)
-    hidden_S1I = swiglu_product(gate_S1I, up_S1I, weight_TK.reshape(-1, 1, 1).to(compute_dtype))
-    down_SDI = down_EDI.to(compute_dtype).index_select(0, experts_S)
-    out_S1D = torch.bmm(hidden_S1I, down_SDI.transpose(1, 2))
-    return out_S1D.view(T, k, D).float().sum(1).to(x_TD.dtype)  # sum the k experts of each token
+    # NOTE: one matmul per token against its k experts' gate/up rows stacked ([k*2I, D]) instead of
+    # one per slot: x is not replicated k times, and at one token it is a single matrix-vector product.
+    gate_up_T_K2I_D = gate_up_E2ID.index_select(0, experts_S).view(T, -1, D)
+    gate_up_S12I = torch.bmm(x_TD[:, None, :], gate_up_T_K2I_D.transpose(1, 2)).view(T * k, 1, -1)
+    gate_S1I, up_S1I = gate_up_S12I.chunk(2, dim=-1)
+    hidden_S1I = swiglu_product(gate_S1I, up_S1I, weight_TK.reshape(-1, 1, 1).to(dtype))
+    out_S1D = torch.bmm(hidden_S1I, down_EDI.index_select(0, experts_S).transpose(1, 2))
+    out_TKD = out_S1D.view(T, k, D)
+    if out_TKD.dtype == torch.float32:
+        return out_TKD.sum(1)  # [T, D], the k experts of each token summed
+    return out_TKD.float().sum(1).to(out_dtype)  # summed in fp32, as the grouped path accumulates

@@ -29,7 +29,7 @@ class Routing:
 
     plan: DispatchPlan | None  # None on the few-token decode path
     logits_TE: torch.Tensor  # [T, E] fp32 router logits
-    probs_TE: torch.Tensor  # [T, E] fp32 per-token distribution over experts (sums to 1)
+    probs_TE: torch.Tensor | None  # [T, E] fp32 per-token distribution over experts (sums to 1); None on the decode path
     slots_per_expert_E: torch.Tensor | None  # [E] slots routed to each expert before any dropping
     expert_TK: torch.Tensor | None = None  # [T, k] chosen experts (decode path only)
     weight_TK: torch.Tensor | None = None  # [T, k] their weights (decode path only)
@@ -63,22 +63,28 @@ class Router(nn.Module):
         """Route tokens. need_plan=False (token choice, no capacity) skips building the grouped
         dispatch plan and the load counts: the few-token decode path needs neither."""
         cfg = self.cfg
-        x32_TD = x_TD.float()
-        if self.training and cfg.jitter > 0:
-            x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - cfg.jitter, 1.0 + cfg.jitter)
-        if torch.is_autocast_enabled(x_TD.device.type):
-            with torch.autocast(device_type=x_TD.device.type, enabled=False):
-                logits_TE = F.linear(x32_TD, self.weight.float())
-        else:  # NOTE: skipping the context manager matters at decode, where the layer is overhead-bound
-            logits_TE = F.linear(x32_TD, self.weight.float())
+        logits_TE = self._logits(x_TD)
+        T = x_TD.shape[0]
+        capacity = expert_capacity(T, cfg)
+        if not need_plan and capacity is None and cfg.routing == "token_choice" and cfg.scoring == "softmax" and cfg.renormalize:
+            # NOTE: decoding skips the softmax over all E experts: softmax is monotone, so the top-k
+            # logits are the top-k probabilities, and renormalising k probabilities is a softmax over
+            # their k logits. Equal to the general path up to rounding.
+            if cfg.bias_update_rate > 0:
+                expert_TK = (logits_TE + self.expert_bias).topk(cfg.top_k, dim=-1).indices
+                top_TK = logits_TE.gather(1, expert_TK)
+            else:
+                top_TK, expert_TK = logits_TE.topk(cfg.top_k, dim=-1)
+            weight_TK = torch.softmax(top_TK, dim=-1)
+            if cfg.route_scale != 1.0:
+                weight_TK = weight_TK.mul_(cfg.route_scale) if not torch.is_grad_enabled() else weight_TK * cfg.route_scale
+            return Routing(plan=None, logits_TE=logits_TE, probs_TE=None, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
         if cfg.scoring == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
             probs_TE = scores_TE
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        T = x_TD.shape[0]
-        capacity = expert_capacity(T, cfg)
         if cfg.routing == "expert_choice":
             weight_EC, token_EC = scores_TE.t().topk(capacity, dim=-1)  # each expert takes its top-C tokens
             plan = plan_expert_choice(token_EC, weight_EC * cfg.route_scale, T)
@@ -102,6 +108,17 @@ class Router(nn.Module):
             slots = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
             plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
         return Routing(plan=plan, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=slots)
+
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 router logits (with the training jitter on the input)."""
+        x32_TD = x_TD.float()
+        if self.training and self.cfg.jitter > 0:
+            x32_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                return F.linear(x32_TD, self.weight.float())
+        # NOTE: skipping the context manager matters at decode, where the layer is overhead-bound
+        return F.linear(x32_TD, self.weight.float())
 
 
 class Experts(nn.Module):
@@ -148,7 +165,8 @@ class MoE(nn.Module):
         # Expert load since the last bias update (aux-loss-free balancing).
         self.register_buffer("load_since_update", torch.zeros(E), persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, auxiliary balancing loss); the loss is None outside training."""
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         # NOTE: decoding routes a handful of tokens; grouping them by expert (sort, counts, grouped
@@ -169,10 +187,10 @@ class MoE(nn.Module):
             if self.shared_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        aux = self._aux_loss(routing) if self.training else x_TD.new_zeros((), dtype=torch.float32)
-        if self.training:
-            self._record(routing, x_TD.shape[0])
-        return y_TD.reshape(shape), aux
+        if not self.training:
+            return y_TD.reshape(shape), None
+        self._record(routing, x_TD.shape[0])
+        return y_TD.reshape(shape), self._aux_loss(routing)
 
     def _aux_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.cfg
