@@ -277,6 +277,7 @@ class MonitorConfig:
     # Spike rules, judged at every step against the previous spike_window steps.
     spike_sigma: float = 6.0  # loss spike: step loss > rolling mean + spike_sigma * std
     grad_spike_sigma: float = 8.0  # gradient-norm spike, likewise (gradient norms have heavier tails)
+    grad_spike_min_ratio: float = 3.0  # ... and a gradient-norm spike is at least this many times the rolling mean
     spike_window: int = 100  # steps in the rolling window (judging starts when it is half full)
     spike_min_rel: float = 0.02  # the std used is at least this fraction of the rolling mean
     # Actions: warn (alert only) | stop (alert, save, stop) | rollback (to the newest checkpoint).
@@ -308,6 +309,12 @@ class MonitorConfig:
         for name in ("spike_sigma", "grad_spike_sigma"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"{prefix}.{name}", value, "a number > 0")
+        _check(
+            math.isfinite(self.grad_spike_min_ratio) and self.grad_spike_min_ratio >= 0,
+            f"{prefix}.grad_spike_min_ratio",
+            self.grad_spike_min_ratio,
+            "a number >= 0 (0 = no floor)",
+        )
         _check(self.spike_window >= 10, f"{prefix}.spike_window", self.spike_window, "an integer >= 10")
         _check(0 <= self.spike_min_rel < 1, f"{prefix}.spike_min_rel", self.spike_min_rel, "a fraction in [0, 1)")
         _check(self.max_rollbacks >= 0, f"{prefix}.max_rollbacks", self.max_rollbacks, "an integer >= 0")

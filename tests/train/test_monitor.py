@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import statistics
 
 import pytest
 import torch
@@ -242,6 +243,29 @@ def test_spike_fires_at_its_step_is_reported_at_the_interval_and_only_once(which
     assert alerts[0].value == (4.5 if which == "loss" else 5.0) and alerts[0].threshold < alerts[0].value
 
 
+@pytest.mark.parametrize("peak, min_ratio, fires", [
+    (2.0, 3.0, False),  # a healthy-run-sized transient (8+ sigma here, 2x the mean): quiet by default
+    (2.0, 0.0, True),  # without the floor the sigma rule alone fires on it
+    (3.5, 3.0, True),  # a blow-up beyond the floor fires
+])
+def test_grad_spike_needs_both_sigma_and_ratio_to_the_mean(peak, min_ratio, fires) -> None:
+    rng = random.Random(3)
+    monitor = Monitor(MonitorConfig(spike_window=40, grad_spike_min_ratio=min_ratio))
+    mean_before = []
+    for step in range(1, 61):
+        grad = 0.5 * (1.0 + 0.05 * rng.gauss(0, 1))
+        if step == 55:
+            grad = peak * statistics.fmean(mean_before[-40:])
+        mean_before.append(grad)
+        monitor.check_step(step, 3.0, grad)
+    alerts = monitor.check_interval(60, 3.0, 0.5, {})
+    assert [a.rule for a in alerts] == (["grad_spike"] if fires else [])
+    if fires:
+        assert alerts[0].step == 55
+        assert alerts[0].threshold >= min_ratio * 0.5 * 0.9  # the floor is part of the limit
+        assert f"at least {min_ratio:g}x the mean" in alerts[0].message
+
+
 def test_spike_judging_waits_for_half_a_window() -> None:
     monitor = Monitor(MonitorConfig(spike_window=40))
     for step in range(1, 20):
@@ -408,6 +432,7 @@ def test_state_from_the_first_monitor_version_loads() -> None:
         ("spike_sigma", 0.0, "a number > 0"),
         ("grad_spike_sigma", float("inf"), "a number > 0"),
         ("spike_min_rel", 1.0, "a fraction in [0, 1)"),
+        ("grad_spike_min_ratio", -1.0, "a number >= 0"),
         ("dead_share", 1.0, "a fraction in (0, 1)"),
         ("persist_intervals", 0, "an integer >= 1"),
         ("logit_growth", -1.0, "a number > 0"),
