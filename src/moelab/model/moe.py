@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import MoEConfig
-from moelab.model.dispatch import DispatchPlan, experts_swiglu, experts_swiglu_gathered, plan_expert_choice, plan_token_choice
+from moelab.model.dispatch import (
+    DispatchPlan,
+    experts_swiglu,
+    experts_swiglu_gathered,
+    experts_swiglu_one_token,
+    plan_expert_choice,
+    plan_token_choice,
+)
 from moelab.model.mlp import SwiGLU
 
 
@@ -134,6 +141,10 @@ class Experts(nn.Module):
         return experts_swiglu(x_TD, plan, self.gate_up_proj, self.down_proj, impl)
 
 
+# CPU: eval forwards of more than one token gather the chosen experts' weights only while one
+# expert holds at most this many weights (3 * I * D); larger experts take the grouped path.
+_CPU_GATHER_MAX_NUMEL = 1 << 17
+
 _STAT_NAMES = ("forwards", "tokens", "slots", "dropped", "entropy_sum", "z_loss_sum", "max_logit")
 
 
@@ -153,6 +164,7 @@ class MoE(nn.Module):
         # with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
         # vs grouped 2.2 ms; E=8 k=2 at 1 token, 0.27 vs 0.41 ms (at 4 tokens, 0.73 vs 0.65).
         self.decode_slots = max(16, 3 * cfg.num_experts // 2)
+        self.expert_numel = 3 * cfg.expert_hidden * d_model  # weights of one routed expert
         # NOTE (distributed): data / expert parallelism (moelab.distributed) sets this to a function
         # that sums the slot counts over every data-parallel rank, so that the balancing loss sees the
         # load of the global batch as one process would. None (the default): this process's batch.
@@ -171,17 +183,28 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, shape[-1])
         # NOTE: decoding routes a handful of tokens; grouping them by expert (sort, counts, grouped
         # matmul over every expert, scatter) then costs more than the expert maths itself.
+        T = x_TD.shape[0]
         few = (
             not self.training
-            and x_TD.shape[0] * self.cfg.top_k <= self.decode_slots
+            and T * self.cfg.top_k <= self.decode_slots
             and self.cfg.routing == "token_choice"
             and type(self.experts) is Experts  # a distributed replacement does its own dispatch
         )
+        cpu = x_TD.device.type == "cpu"
+        one_token = few and T == 1 and cpu and not torch.is_grad_enabled()
+        # NOTE (CPU): gathering copies the chosen experts' weights; for large experts the copy costs
+        # more than visiting every group of the grouped path. Measured at one token, whole-model decode:
+        # 3*I*D = 24.6K elements (small-moe) gathered 1.72 vs grouped 2.37 ms; 98K (small-moe-coarse)
+        # 1.74 vs 1.77; 1.57M (D=512, I=1024, E=8) 19.8 vs 14.0 ms.
+        few = few and (one_token or not cpu or self.expert_numel <= _CPU_GATHER_MAX_NUMEL)
         routing = self.router(x_TD, need_plan=not few)
-        if routing.plan is None:
-            y_TD = experts_swiglu_gathered(x_TD, routing.expert_TK, routing.weight_TK, self.experts.gate_up_proj, self.experts.down_proj)
+        experts = self.experts
+        if one_token:
+            y_TD = experts_swiglu_one_token(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
+        elif routing.plan is None:
+            y_TD = experts_swiglu_gathered(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
         else:
-            y_TD = self.experts(x_TD, routing.plan, self.impl)
+            y_TD = experts(x_TD, routing.plan, self.impl)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
