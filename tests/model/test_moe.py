@@ -329,3 +329,32 @@ def test_few_token_decode_path_under_bf16_autocast_matches_grouped_path() -> Non
         y32, _ = moe(x[None])
     assert (y.float() - y32).abs().max() > 0  # autocast really ran the experts in bf16
     torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=5e-2)
+
+
+def test_decode_path_choice_on_cpu(monkeypatch) -> None:
+    """One token with autograd off reads its experts in place; a few tokens gather small experts'
+    weights but take the grouped path when one expert is large (the copy would cost more)."""
+    import moelab.model.moe as moe_module
+
+    calls: list[str] = []
+    for name in ("experts_swiglu_one_token", "experts_swiglu_gathered"):
+        real = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    gen = torch.Generator().manual_seed(13)
+    small = make_moe(32, seed=7, num_experts=8, top_k=2, expert_hidden=16).eval()
+    large = make_moe(128, seed=8, num_experts=4, top_k=2, expert_hidden=512).eval()  # 3*I*D = 196,608
+    for moe, T, grad, expected in [
+        (small, 1, False, ["experts_swiglu_one_token"]),
+        (small, 1, True, ["experts_swiglu_gathered"]),  # autograd on: weights keep their gradient
+        (small, 3, False, ["experts_swiglu_gathered"]),
+        (large, 1, False, ["experts_swiglu_one_token"]),
+        (large, 3, False, []),  # grouped
+    ]:
+        calls.clear()
+        D = moe.router.weight.shape[1]
+        x = torch.randn(1, T, D, generator=gen)
+        with torch.set_grad_enabled(grad):
+            y, _ = moe(x)
+        ref, _, _, _ = moe_reference(copy.deepcopy(moe).double(), x[0].double())
+        assert calls == expected, (T, grad)
+        torch.testing.assert_close(y[0].detach().double(), ref, atol=1e-4, rtol=1e-4)
