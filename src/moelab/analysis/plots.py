@@ -101,7 +101,12 @@ def scaling_plots(points, law, result, out: Path) -> list[tuple[Path, str]]:
             ax.plot(grid, law.loss(grid, D, E), style, color=color, lw=1, label=f"{'dense' if E == 1 else f'MoE E={E:g}'}, {D:.2g} tokens")
     ax.scatter([result.N], [result.dense], marker="*", s=120, color="black", zorder=4, label="forecast: dense")
     ax.scatter([result.N], [result.moe], marker="*", s=120, color="#d62728", zorder=4, label="forecast: MoE")
-    ax.errorbar([result.N, result.N], [result.dense, result.moe], yerr=[[result.dense - result.dense_ci[0], result.moe - result.moe_ci[0]], [result.dense_ci[1] - result.dense, result.moe_ci[1] - result.moe]], fmt="none", ecolor="#555", capsize=3)
+    # NOTE: the intervals are drawn as they are, not as errors around the point: they are bootstrap
+    # percentiles, and an extrapolated point estimate can lie outside its own interval (matplotlib
+    # rejects the negative error that would give).
+    for lo, hi in (result.dense_ci, result.moe_ci):
+        ax.vlines(result.N, lo, hi, color="#555", lw=1)
+        ax.hlines([lo, hi], result.N / 1.04, result.N * 1.04, color="#555", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("active non-embedding parameters")
     ax.set_ylabel("validation loss")
