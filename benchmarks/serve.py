@@ -17,7 +17,11 @@ median of interleaved rounds), and a diagnostic of what one MoE layer pays at ba
 experts no token chose.
 
     python benchmarks/serve.py [--concurrency 1,4,16] [--requests 2] [--rounds 3] [--threads 1] [--http]
-                               [--out benchmarks/results/serve.json]
+                               [--preset small-moe] [--set KEY=VALUE ...] [--out benchmarks/results/serve.json]
+
+The issue's transformers reference shape (Mixtral-like, D=512, 8 layers, E=8, k=2, I=1024):
+    --preset small-moe-coarse --set model.d_model=512 --set model.n_layers=8 --set model.n_heads=8
+    --set model.ffn_hidden=2048 --set model.moe.expert_hidden=1024
 
 --http sends the same load through the real server (uvicorn, SSE streaming, the openai client).
 """
@@ -63,8 +67,10 @@ def stdlib_text(limit: int = 2_000_000) -> list[str]:
     return texts
 
 
-def build_models(vocab: int, device: str) -> dict[str, Transformer]:
-    cfg = load_config(preset="small-moe")
+def build_models(vocab: int, device: str, preset: str = "small-moe", overrides: list[str] | None = None) -> dict[str, Transformer]:
+    cfg = load_config(preset=preset, overrides=overrides or [])
+    if cfg.model.moe is None:
+        raise SystemExit(f"preset {preset!r} has no MoE layers: nothing to compare with its dense twins")
     cfg.model.vocab_size = vocab
     configs = {"moe": cfg, "dense-active": dense_twin(cfg, "active"), "dense-total": dense_twin(cfg, "total")}
     models = {}
@@ -216,7 +222,7 @@ def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer,
     result = {
         "moe_layer_us": timed(lambda: moe(x_1D[None])) * 1e6,
         "dense_ffn_us": timed(lambda: dense(x_1D[None])) * 1e6,
-        "router_us": timed(lambda: moe.router(x_1D)) * 1e6,
+        "router_us": timed(lambda: moe.router(x_1D, need_plan=False)) * 1e6,  # as decoding routes
         "grouped_mm_all_groups_us": timed(lambda: torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=all_offsets)) * 1e6,
         "grouped_mm_chosen_groups_us": timed(lambda: torch._grouped_mm(x_SD, chosen_weights.transpose(-2, -1), offs=chosen_offsets)) * 1e6,
         "experts": moe.cfg.num_experts,
@@ -238,6 +244,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as moelab serve; 0 = torch's default)")
     ap.add_argument("--http", action="store_true", help="through the HTTP server instead of the engine directly")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the engine runs bf16 autocast on CUDA)")
+    ap.add_argument("--preset", default="small-moe", help="the MoE preset to serve (its dense twins are derived from it)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.d_model=512 (repeatable)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     if args.threads:
@@ -245,13 +253,13 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     tokenizer: TextTokenizer = train_bpe(iter(stdlib_text()), 2048)
-    models = build_models(tokenizer.vocab_size, args.device)
+    models = build_models(tokenizer.vocab_size, args.device, args.preset, args.overrides)
     gen = torch.Generator().manual_seed(0)
     prompts = [tuple(torch.randint(0, tokenizer.vocab_size, (args.prompt_tokens,), generator=gen).tolist()) for _ in range(64)]
     cfg = models["moe"].cfg
     moe = cfg.moe
     header = (
-        f"serving benchmark: RANDOMLY INITIALISED models of the small-moe preset (D={cfg.d_model}, {cfg.n_layers} layers, "
+        f"serving benchmark: RANDOMLY INITIALISED models of the {args.preset} preset{' with ' + ' '.join(args.overrides) if args.overrides else ''} (D={cfg.d_model}, {cfg.n_layers} layers, "
         f"E={moe.num_experts}, k={moe.top_k}, I={moe.expert_hidden}, vocab {tokenizer.vocab_size}) and its dense twins; "
         f"{'HTTP server + openai client' if args.http else 'engine in process'}, {args.device}, {torch.get_num_threads()} torch threads, "
         f"prompts {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.requests} requests per client, sampling {PARAMS}"
@@ -259,6 +267,8 @@ def main() -> None:
     print(header, flush=True)
     results = {
         "header": header,
+        "preset": args.preset,
+        "overrides": args.overrides,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
