@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moelab.analysis.compare import dense_twin  # noqa: E402
 from moelab.config import load_config  # noqa: E402
+from moelab.errors import ConfigError  # noqa: E402
 from moelab.data.tokenizer import TextTokenizer, train_bpe  # noqa: E402
 from moelab.infer.engine import Chunk, Engine, EngineConfig, Failed, Request  # noqa: E402
 from moelab.infer.sampling import SamplingParams  # noqa: E402
@@ -67,10 +68,19 @@ def stdlib_text(limit: int = 2_000_000) -> list[str]:
     return texts
 
 
-def build_models(vocab: int, device: str, preset: str = "small-moe", overrides: list[str] | None = None) -> dict[str, Transformer]:
-    cfg = load_config(preset=preset, overrides=overrides or [])
+def moe_config(preset: str = "small-moe", overrides: list[str] | None = None):
+    """The MoE config to serve; a clear exit for a bad preset, override or a preset without MoE layers."""
+    try:
+        cfg = load_config(preset=preset, overrides=overrides or [])
+    except ConfigError as e:
+        raise SystemExit(f"serve.py: error: {e}") from None
     if cfg.model.moe is None:
-        raise SystemExit(f"preset {preset!r} has no MoE layers: nothing to compare with its dense twins")
+        raise SystemExit(f"serve.py: error: preset {preset!r} has no MoE layers: nothing to compare with its dense twins")
+    return cfg
+
+
+def build_models(vocab: int, device: str, cfg=None) -> dict[str, Transformer]:
+    cfg = copy.deepcopy(cfg) if cfg is not None else moe_config()
     cfg.model.vocab_size = vocab
     configs = {"moe": cfg, "dense-active": dense_twin(cfg, "active"), "dense-total": dense_twin(cfg, "total")}
     models = {}
@@ -252,8 +262,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
 
+    moe_cfg = moe_config(args.preset, args.overrides)  # before the tokenizer: bad input fails fast
     tokenizer: TextTokenizer = train_bpe(iter(stdlib_text()), 2048)
-    models = build_models(tokenizer.vocab_size, args.device, args.preset, args.overrides)
+    models = build_models(tokenizer.vocab_size, args.device, moe_cfg)
     gen = torch.Generator().manual_seed(0)
     prompts = [tuple(torch.randint(0, tokenizer.vocab_size, (args.prompt_tokens,), generator=gen).tolist()) for _ in range(64)]
     cfg = models["moe"].cfg

@@ -343,12 +343,15 @@ def test_decode_path_choice_on_cpu(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(13)
     small = make_moe(32, seed=7, num_experts=8, top_k=2, expert_hidden=16).eval()
     large = make_moe(128, seed=8, num_experts=4, top_k=2, expert_hidden=512).eval()  # 3*I*D = 196,608
+    capped = make_moe(32, seed=9, num_experts=8, top_k=2, expert_hidden=16, capacity_factor=0.5).eval()
     for moe, T, grad, expected in [
         (small, 1, False, ["experts_swiglu_one_token"]),
         (small, 1, True, ["experts_swiglu_gathered"]),  # autograd on: weights keep their gradient
         (small, 3, False, ["experts_swiglu_gathered"]),
         (large, 1, False, ["experts_swiglu_one_token"]),
         (large, 3, False, []),  # grouped
+        (capped, 1, False, []),  # a capacity drops slots: grouped
+        (capped, 3, False, []),
     ]:
         calls.clear()
         D = moe.router.weight.shape[1]
@@ -358,3 +361,31 @@ def test_decode_path_choice_on_cpu(monkeypatch) -> None:
         ref, _, _, _ = moe_reference(copy.deepcopy(moe).double(), x[0].double())
         assert calls == expected, (T, grad)
         torch.testing.assert_close(y[0].detach().double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_few_token_expert_paths_keep_float64(T) -> None:
+    """Float64 inputs stay float64 through both few-token expert paths (the k experts are not
+    summed in fp32); checked against an explicit float64 per-slot computation."""
+    from moelab.model.dispatch import experts_swiglu_gathered, experts_swiglu_one_token
+
+    gen = torch.Generator().manual_seed(14)
+    E, k, I, D = 8, 3, 16, 32
+    gate_up = torch.randn(E, 2 * I, D, generator=gen, dtype=torch.float64)
+    down = torch.randn(E, D, I, generator=gen, dtype=torch.float64)
+    x = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    expert_TK = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    weight_TK = torch.rand(T, k, generator=gen, dtype=torch.float64)
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            e = int(expert_TK[t, j])
+            gate, up = (gate_up[e] @ x[t]).chunk(2)
+            ref[t] += weight_TK[t, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    with torch.no_grad():
+        outs = [experts_swiglu_gathered(x, expert_TK, weight_TK, gate_up, down)]
+        if T == 1:
+            outs.append(experts_swiglu_one_token(x, expert_TK, weight_TK, gate_up, down))
+    for out in outs:
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)

@@ -174,19 +174,18 @@ def experts_swiglu_gathered(
     dtype = out_dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
         dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, gate_up_E2ID, down_EDI = x_TD.to(dtype), gate_up_E2ID.to(dtype), down_EDI.to(dtype)
     experts_S = expert_TK.reshape(-1)  # [S], slot s = token * k + choice
-    # NOTE: one matmul per token against its k experts' gate/up rows stacked ([k*2I, D]) instead of
+    # NOTE: weights are cast after the gather, so only the chosen experts are converted.
+    # One matmul per token against its k experts' gate/up rows stacked ([k*2I, D]) instead of
     # one per slot: x is not replicated k times, and at one token it is a single matrix-vector product.
-    gate_up_T_K2I_D = gate_up_E2ID.index_select(0, experts_S).view(T, -1, D)
-    gate_up_S12I = torch.bmm(x_TD[:, None, :], gate_up_T_K2I_D.transpose(1, 2)).view(T * k, 1, -1)
+    gate_up_T_K2I_D = gate_up_E2ID.index_select(0, experts_S).to(dtype).view(T, -1, D)
+    gate_up_S12I = torch.bmm(x_TD.to(dtype)[:, None, :], gate_up_T_K2I_D.transpose(1, 2)).view(T * k, 1, -1)
     gate_S1I, up_S1I = gate_up_S12I.chunk(2, dim=-1)
     hidden_S1I = swiglu_product(gate_S1I, up_S1I, weight_TK.reshape(-1, 1, 1).to(dtype))
-    out_S1D = torch.bmm(hidden_S1I, down_EDI.index_select(0, experts_S).transpose(1, 2))
-    out_TKD = out_S1D.view(T, k, D)
-    if out_TKD.dtype == torch.float32:
-        return out_TKD.sum(1)  # [T, D], the k experts of each token summed
-    return out_TKD.float().sum(1).to(out_dtype)  # summed in fp32, as the grouped path accumulates
+    out_S1D = torch.bmm(hidden_S1I, down_EDI.index_select(0, experts_S).to(dtype).transpose(1, 2))
+    # [T, D]: the k experts of each token summed in at least fp32, as the grouped path accumulates
+    acc_dtype = torch.promote_types(out_S1D.dtype, torch.float32)
+    return out_S1D.view(T, k, D).to(acc_dtype).sum(1).to(out_dtype)
 
 
 def experts_swiglu_one_token(
@@ -210,14 +209,15 @@ def experts_swiglu_one_token(
     if torch.is_autocast_enabled(x_1D.device.type):
         dtype = torch.get_autocast_dtype(x_1D.device.type)
         x_1D = x_1D.to(dtype)
+    acc_dtype = torch.promote_types(dtype, torch.float32)  # as the grouped path accumulates
     out_1D = None
     for e, w in zip(expert_1K[0].tolist(), weight_1K[0].tolist()):
         gate_1I, up_1I = F.linear(x_1D, gate_up_E2ID[e].to(dtype)).chunk(2, dim=-1)
         hidden_1I = swiglu_product(gate_1I, up_1I).mul_(w)
         down_DI = down_EDI[e].to(dtype)
         if out_1D is None:
-            out_1D = F.linear(hidden_1I, down_DI).float()  # no copy when already fp32
-        elif dtype == torch.float32:
+            out_1D = F.linear(hidden_1I, down_DI).to(acc_dtype)  # no copy when already acc_dtype
+        elif dtype == acc_dtype:
             out_1D.addmm_(hidden_1I, down_DI.t())
         else:
             out_1D += F.linear(hidden_1I, down_DI)

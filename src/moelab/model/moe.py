@@ -84,7 +84,7 @@ class Router(nn.Module):
                 top_TK, expert_TK = logits_TE.topk(cfg.top_k, dim=-1)
             weight_TK = torch.softmax(top_TK, dim=-1)
             if cfg.route_scale != 1.0:
-                weight_TK = weight_TK.mul_(cfg.route_scale) if not torch.is_grad_enabled() else weight_TK * cfg.route_scale
+                weight_TK = weight_TK * cfg.route_scale
             return Routing(plan=None, logits_TE=logits_TE, probs_TE=None, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
         if cfg.scoring == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
@@ -159,9 +159,9 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, cfg.shared_hidden_total) if cfg.num_shared_experts > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
         self.impl = "auto"  # grouped matmul implementation; tests switch it
-        # Eval forwards routing at most this many token-slots take the gathered path. NOTE: it copies
-        # one weight set per slot while the grouped path visits every expert, so the break-even grows
-        # with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
+        # Eval forwards routing at most this many token-slots take a few-token path (_expert_path).
+        # NOTE: gathering copies one weight set per slot while the grouped path visits every expert,
+        # so the break-even grows with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
         # vs grouped 2.2 ms; E=8 k=2 at 1 token, 0.27 vs 0.41 ms (at 4 tokens, 0.73 vs 0.65).
         self.decode_slots = max(16, 3 * cfg.num_experts // 2)
         self.expert_numel = 3 * cfg.expert_hidden * d_model  # weights of one routed expert
@@ -181,27 +181,12 @@ class MoE(nn.Module):
         """(output, auxiliary balancing loss); the loss is None outside training."""
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
-        # NOTE: decoding routes a handful of tokens; grouping them by expert (sort, counts, grouped
-        # matmul over every expert, scatter) then costs more than the expert maths itself.
-        T = x_TD.shape[0]
-        few = (
-            not self.training
-            and T * self.cfg.top_k <= self.decode_slots
-            and self.cfg.routing == "token_choice"
-            and type(self.experts) is Experts  # a distributed replacement does its own dispatch
-        )
-        cpu = x_TD.device.type == "cpu"
-        one_token = few and T == 1 and cpu and not torch.is_grad_enabled()
-        # NOTE (CPU): gathering copies the chosen experts' weights; for large experts the copy costs
-        # more than visiting every group of the grouped path. Measured at one token, whole-model decode:
-        # 3*I*D = 24.6K elements (small-moe) gathered 1.72 vs grouped 2.37 ms; 98K (small-moe-coarse)
-        # 1.74 vs 1.77; 1.57M (D=512, I=1024, E=8) 19.8 vs 14.0 ms.
-        few = few and (one_token or not cpu or self.expert_numel <= _CPU_GATHER_MAX_NUMEL)
-        routing = self.router(x_TD, need_plan=not few)
+        path = self._expert_path(x_TD)
+        routing = self.router(x_TD, need_plan=path == "grouped")
         experts = self.experts
-        if one_token:
+        if path == "one_token":
             y_TD = experts_swiglu_one_token(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
-        elif routing.plan is None:
+        elif path == "gathered":
             y_TD = experts_swiglu_gathered(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
         else:
             y_TD = experts(x_TD, routing.plan, self.impl)
@@ -214,6 +199,30 @@ class MoE(nn.Module):
             return y_TD.reshape(shape), None
         self._record(routing, x_TD.shape[0])
         return y_TD.reshape(shape), self._aux_loss(routing)
+
+    def _expert_path(self, x_TD: torch.Tensor) -> str:
+        """How this forward runs the routed experts: "grouped" (training, prefill, and whatever the
+        few-token paths do not cover), "gathered" or "one_token"."""
+        T = x_TD.shape[0]
+        # NOTE: decoding routes a handful of tokens; grouping them by expert (sort, counts, grouped
+        # matmul over every expert, scatter) then costs more than the expert maths itself.
+        if (
+            self.training
+            or T * self.cfg.top_k > self.decode_slots
+            or self.cfg.routing != "token_choice"
+            or self.cfg.capacity_factor is not None  # capacity drops slots: the grouped plan does that
+            or type(self.experts) is not Experts  # a distributed replacement does its own dispatch
+        ):
+            return "grouped"
+        if x_TD.device.type != "cpu":
+            return "gathered"
+        if T == 1 and not torch.is_grad_enabled():
+            return "one_token"
+        # NOTE (CPU): gathering copies the chosen experts' weights; for large experts the copy costs
+        # more than visiting every group of the grouped path. Measured at one token, whole-model decode:
+        # 3*I*D = 24.6K elements (small-moe) gathered 1.72 vs grouped 2.37 ms; 98K (small-moe-coarse)
+        # 1.74 vs 1.77; 1.57M (D=512, I=1024, E=8) 19.8 vs 14.0 ms.
+        return "gathered" if self.expert_numel <= _CPU_GATHER_MAX_NUMEL else "grouped"
 
     def _aux_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.cfg

@@ -303,7 +303,8 @@ class Monitor:
         cfg = self.cfg
         rules = (
             ("loss_spike", "loss", ".3f", f"+ {cfg.spike_sigma:g} sigma"),
-            ("grad_spike", "gradient norm", ".3g", f"+ {cfg.grad_spike_sigma:g} sigma, and at least {cfg.grad_spike_min_ratio:g}x the mean,"),
+            ("grad_spike", "gradient norm", ".3g", f"+ {cfg.grad_spike_sigma:g} sigma"
+             + (f", and at least {cfg.grad_spike_min_ratio:g}x the mean," if cfg.grad_spike_min_ratio > 0 else "")),
         )
         for rule, what, fmt, rule_text in rules:
             s = self.pending.pop(rule, None)
