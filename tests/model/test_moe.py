@@ -292,10 +292,13 @@ def test_grouped_mm_matches_loop_with_empty_groups(impl: str) -> None:
     # the decode router's shortcut (softmax over the k chosen logits) with a selection bias and a scale
     dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
 ])
-def test_few_token_decode_path_matches_reference(kwargs) -> None:
-    """Eval forwards with few tokens take the gathered path (no grouping); same outputs."""
+@pytest.mark.parametrize("native", [True, False])
+def test_few_token_decode_path_matches_reference(kwargs, native) -> None:
+    """Eval forwards with few tokens take the fused kernel, or without it the few-token PyTorch
+    paths (no grouping); same outputs as the reference and the grouped path."""
     gen = torch.Generator().manual_seed(11)
     moe = make_moe(32, seed=5, **kwargs)
+    moe.native = native
     with torch.no_grad():
         moe.router.expert_bias.copy_(torch.randn(moe.cfg.num_experts, generator=gen) * 0.1)
     moe.eval()
@@ -332,8 +335,9 @@ def test_few_token_decode_path_under_bf16_autocast_matches_grouped_path() -> Non
 
 
 def test_decode_path_choice_on_cpu(monkeypatch) -> None:
-    """One token with autograd off reads its experts in place; a few tokens gather small experts'
-    weights but take the grouped path when one expert is large (the copy would cost more)."""
+    """Without the fused kernel: one token with autograd off reads its experts in place; a few
+    tokens gather small experts' weights but take the grouped path when one expert is large (the
+    copy would cost more)."""
     import moelab.model.moe as moe_module
 
     calls: list[str] = []
@@ -344,6 +348,8 @@ def test_decode_path_choice_on_cpu(monkeypatch) -> None:
     small = make_moe(32, seed=7, num_experts=8, top_k=2, expert_hidden=16).eval()
     large = make_moe(128, seed=8, num_experts=4, top_k=2, expert_hidden=512).eval()  # 3*I*D = 196,608
     capped = make_moe(32, seed=9, num_experts=8, top_k=2, expert_hidden=16, capacity_factor=0.5).eval()
+    for moe in (small, large, capped):
+        moe.native = False  # the PyTorch paths (the fused C kernel: tests/kernels)
     for moe, T, grad, expected in [
         (small, 1, False, ["experts_swiglu_one_token"]),
         (small, 1, True, ["experts_swiglu_gathered"]),  # autograd on: weights keep their gradient

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import MoEConfig
+from moelab.kernels import moe_decode as native
 from moelab.model.dispatch import (
     DispatchPlan,
     experts_swiglu,
@@ -145,6 +146,44 @@ class Experts(nn.Module):
 # expert holds at most this many weights (3 * I * D); larger experts take the grouped path.
 _CPU_GATHER_MAX_NUMEL = 1 << 17
 
+
+
+@dataclass(frozen=True)
+class FusedBinding:
+    """MoE._fused: the fused decode kernel bound to one layer's weights (None: the layer is not
+    eligible), and what it was bound to, so that a forward can tell cheaply whether it still holds.
+
+    links: (container, key, object) for every step from the MoE module to each weight the kernel
+    reads (MoE._modules["router"] is the router, router._parameters["weight"] its weight, ...).
+    Any module or parameter replaced since binding breaks a link; absent ones are linked to None."""
+
+    links: tuple[tuple[dict, str, object], ...]
+    settings: tuple
+    kernel: native.FusedMoEDecode | None
+
+    def holds(self, settings: tuple) -> bool:
+        if settings != self.settings:
+            return False
+        for container, key, obj in self.links:  # NOTE: a plain loop; a generator costs twice as much
+            if container.get(key) is not obj:
+                return False
+        return True
+
+
+def _any_autocast() -> bool:
+    # NOTE: one flag for every device, 2x cheaper than torch.is_autocast_enabled("cpu"); falls back
+    # to the public call where a torch build lacks the private one.
+    is_any = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return is_any() if is_any is not None else torch.is_autocast_enabled("cpu")
+
+
+def fused_decode_context(x: torch.Tensor, training: bool) -> bool:
+    """Whether the conditions of the fused CPU decode kernel that hold for a whole forward pass are
+    met: eval mode, autograd and autocast off, fp32 activations on the CPU. A Transformer checks them
+    once per forward and passes the answer to every MoE layer (MoE.forward's `fused_ok`)."""
+    return not training and x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled() and not _any_autocast()
+
+
 _STAT_NAMES = ("forwards", "tokens", "slots", "dropped", "entropy_sum", "z_loss_sum", "max_logit")
 
 
@@ -159,6 +198,8 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, cfg.shared_hidden_total) if cfg.num_shared_experts > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
         self.impl = "auto"  # grouped matmul implementation; tests switch it
+        self.native = True  # few-token CPU forwards may use the fused C kernel (moelab.kernels); tests switch it
+        self._fused: FusedBinding | None = None  # the fused decode kernel bound to this layer's weights
         # Eval forwards routing at most this many token-slots take a few-token path (_expert_path).
         # NOTE: gathering copies one weight set per slot while the grouped path visits every expert,
         # so the break-even grows with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
@@ -177,8 +218,17 @@ class MoE(nn.Module):
         # Expert load since the last bias update (aux-loss-free balancing).
         self.register_buffer("load_since_update", torch.zeros(E), persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(output, auxiliary balancing loss); the loss is None outside training."""
+    def forward(self, x_BSD: torch.Tensor, fused_ok: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, auxiliary balancing loss); the loss is None outside training.
+
+        fused_ok: what `fused_decode_context` says for this forward, when the caller has checked it
+        (the Transformer does, once for all its layers); None: checked here."""
+        if fused_ok is None:
+            fused_ok = fused_decode_context(x_BSD, self.training)
+        if fused_ok and self.native:
+            y = self._fused_forward(x_BSD)
+            if y is not None:
+                return y, None
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         path = self._expert_path(x_TD)
@@ -223,6 +273,84 @@ class MoE(nn.Module):
         # 3*I*D = 24.6K elements (small-moe) gathered 1.72 vs grouped 2.37 ms; 98K (small-moe-coarse)
         # 1.74 vs 1.77; 1.57M (D=512, I=1024, E=8) 19.8 vs 14.0 ms.
         return "gathered" if self.expert_numel <= _CPU_GATHER_MAX_NUMEL else "grouped"
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer in the fused C kernel (moelab.kernels.moe_decode) when this forward may
+        take it, else None. The caller has checked `native` and `fused_decode_context`. Here: a few
+        fp32 contiguous tokens (the dtype again: the kernel reads this tensor as fp32) of width D;
+        at binding, token choice without capacity, the stock Experts, fp32 contiguous CPU weights
+        and a compiled kernel.
+
+        NOTE: at decode the PyTorch layer is bound by per-op overhead (about 20 small ops per layer
+        against 5 for the dense FFN of the same active width); the kernel does the same arithmetic
+        in one call. What runs here on every decode step is measured in percent of the step: after
+        the kernel has streamed the expert weights through the caches, every Python object and
+        torch call touched is a cache miss. Hence the kept binding, checked by identity
+        (`FusedBinding.holds`), not by rebuilding it or reading the weights' addresses."""
+        cfg = self.cfg
+        n, D = x.numel(), x.shape[-1]
+        if x.dtype is not torch.float32 or n * cfg.top_k > self.decode_slots * D or not x.is_contiguous():
+            return None
+        binding, settings = self._fused, (cfg.routing, cfg.capacity_factor, cfg.top_k, cfg.scoring, cfg.renormalize, cfg.route_scale, cfg.bias_update_rate > 0)
+        if binding is None or not binding.holds(settings):
+            binding = self._fused = self._bind_fused(settings)
+        kernel = binding.kernel
+        if kernel is None or kernel.d_model != D:
+            return None
+        return kernel.run(x, n)
+
+    def _bind_fused(self, settings: tuple) -> FusedBinding:
+        """Bind the kernel to this layer's current weights (kernel None when it cannot read them).
+
+        NOTE: the weights are read through _modules / _parameters, the links FusedBinding.holds
+        walks (an absent shared expert or gate is a plain None attribute, not in _modules)."""
+        cfg = self.cfg
+        modules = self._modules
+        experts = modules["experts"]
+        links: list[tuple[dict, str, object]] = [(modules, "experts", experts)]
+        if type(experts) is not Experts:  # a distributed replacement does its own dispatch
+            return FusedBinding(links=tuple(links), settings=settings, kernel=None)
+
+        def link(container: dict, key: str) -> object:
+            obj = container.get(key)
+            links.append((container, key, obj))
+            return obj
+
+        router, shared, shared_gate = link(modules, "router"), link(modules, "shared"), link(modules, "shared_gate")
+        weights = [
+            link(router._parameters, "weight"),
+            link(router._buffers, "expert_bias") if cfg.bias_update_rate > 0 else None,  # as Router.forward selects
+            link(experts._parameters, "gate_up_proj"),
+            link(experts._parameters, "down_proj"),
+            None if shared is None else link(link(shared._modules, "gate_up_proj")._parameters, "weight"),
+            None if shared is None else link(link(shared._modules, "down_proj")._parameters, "weight"),
+            None if shared_gate is None else link(shared_gate._parameters, "weight"),
+        ]
+        kernel = None
+        if cfg.routing == "token_choice" and cfg.capacity_factor is None and native.available() and native.usable(*weights):
+            # detached aliases: the kernel's addresses stay valid even if a Parameter's .data is swapped later
+            aliases = [None if w is None else w.detach() for w in weights]
+            kernel = native.bind(*aliases, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
+        return FusedBinding(links=tuple(links), settings=settings, kernel=kernel)
+
+    def reset_fused(self) -> None:
+        """Drop the fused kernel's binding (rebuilt on the next decode forward). Needed only after a
+        bare `.data =` swap or `torch.utils.swap_tensors` on a weight by hand, which keeps every
+        object in place: the binding then still reads the old tensors (kept alive, so never freed memory)."""
+        self._fused = None
+
+    def _apply(self, fn, recurse=True):
+        self._fused = None  # .to(), .float(), .share_memory() ... may move the weights the kernel reads
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fused = None  # load_state_dict(assign=True) replaces the weights
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_fused"] = None  # a copy (deepcopy, pickle) binds its own weights
+        return state
 
     def _aux_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.cfg

@@ -1,0 +1,324 @@
+"""The fused MoE decode kernel (C) against a float64 per-expert loop, its binding to an MoE layer's
+weights, the conditions under which an MoE takes it, and the build that compiles it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from moelab.kernels import build
+from moelab.kernels import moe_decode as native
+from moelab.model.moe import MoE
+from tests.model.test_moe import fresh_tokens, make_moe
+from tests.reference import moe_reference, route
+
+needs_kernel = pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")
+pytestmark = needs_kernel
+
+CONFIGS = [
+    dict(num_experts=8, top_k=2, expert_hidden=16),
+    # the default preset's recipe: fine-grained experts, a shared expert, route_scale = k
+    dict(num_experts=64, top_k=6, expert_hidden=8, num_shared_experts=1, shared_expert_hidden=16, route_scale=6.0),
+    dict(num_experts=16, top_k=4, expert_hidden=12, renormalize=False, route_scale=2.0, num_shared_experts=2),
+    dict(num_experts=8, top_k=3, expert_hidden=16, scoring="sigmoid", bias_update_rate=0.1),
+    dict(num_experts=8, top_k=2, expert_hidden=16, scoring="sigmoid", renormalize=False, num_shared_experts=1, shared_expert_gate=True),
+    dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
+    dict(num_experts=4, top_k=4, expert_hidden=5),  # k = E, odd hidden size
+]
+
+
+def layer_weights(moe: MoE) -> tuple:
+    bias = moe.router.expert_bias if moe.cfg.bias_update_rate > 0 else None
+    shared = (moe.shared.gate_up_proj.weight, moe.shared.down_proj.weight) if moe.shared is not None else (None, None)
+    gate = moe.shared_gate.weight if moe.shared_gate is not None else None
+    return (moe.router.weight, bias, moe.experts.gate_up_proj, moe.experts.down_proj, *shared, gate)
+
+
+def routing_of(moe: MoE) -> dict:
+    cfg = moe.cfg
+    return dict(top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
+
+
+def biased(moe: MoE, gen: torch.Generator) -> MoE:
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.randn(moe.cfg.num_experts, generator=gen) * 0.3)
+    return moe.eval()
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS)
+@pytest.mark.parametrize("D", [40, 64])  # 40: not a multiple of the kernel's 16-wide vectors
+def test_kernel_matches_float64_reference(kwargs, D) -> None:
+    gen = torch.Generator().manual_seed(21)
+    moe = biased(make_moe(D, seed=3, **kwargs), gen)
+    ref64 = copy.deepcopy(moe).double()
+    for T in (1, 3):
+        x = fresh_tokens(moe, T, D, gen)
+        y, expert_TK, weight_TK = native.moe_decode(x, *layer_weights(moe), return_routing=True, **routing_of(moe))
+        y_ref, slots, _, _ = moe_reference(ref64, x.double())
+        torch.testing.assert_close(y.double(), y_ref, atol=2e-5, rtol=1e-4)
+        for t in range(T):  # the same experts with the same weights, whatever their order
+            want = sorted((e, float(w.detach())) for tt, e, w in slots if tt == t)
+            got = sorted(zip(expert_TK[t].tolist(), weight_TK[t].tolist()))
+            assert [e for e, _ in got] == [e for e, _ in want]
+            torch.testing.assert_close(torch.tensor([w for _, w in got]), torch.tensor([w for _, w in want], dtype=torch.float32))
+
+
+def test_kernel_output_keeps_the_input_shape_and_fails_the_reference_when_wrong() -> None:
+    """[B, S, D] in, [B, S, D] out; and the comparison is sharp enough to see one expert's weight off."""
+    gen = torch.Generator().manual_seed(22)
+    moe = make_moe(32, seed=4, num_experts=8, top_k=2, expert_hidden=16).eval()
+    x = fresh_tokens(moe, 4, 32, gen)
+    y = native.moe_decode(x.view(2, 2, 32), *layer_weights(moe), **routing_of(moe))
+    assert y.shape == (2, 2, 32)
+    y_ref, slots, _, _ = moe_reference(copy.deepcopy(moe).double(), x.double())
+    torch.testing.assert_close(y.view(4, 32).double(), y_ref, atol=2e-5, rtol=1e-4)
+    broken = copy.deepcopy(moe)
+    with torch.no_grad():
+        broken.experts.down_proj[slots[0][1]] *= 1.01
+    y_broken = native.moe_decode(x, *layer_weights(broken), **routing_of(broken))
+    assert not torch.allclose(y_broken.double(), y_ref, atol=2e-5, rtol=1e-4)
+
+
+def test_ties_choose_the_lower_expert_index() -> None:
+    """A zero router scores every expert alike: the kernel takes experts 0..k-1 at equal weights."""
+    moe = make_moe(32, seed=4, num_experts=8, top_k=3, expert_hidden=16, route_scale=1.5).eval()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    _, expert_TK, weight_TK = native.moe_decode(torch.randn(2, 32), *layer_weights(moe), return_routing=True, **routing_of(moe))
+    assert expert_TK.tolist() == [[0, 1, 2], [0, 1, 2]]
+    torch.testing.assert_close(weight_TK, torch.full((2, 3), 0.5))
+
+
+def test_bad_tensors_are_refused_with_what_was_wrong() -> None:
+    moe = make_moe(32, seed=5, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1)
+    router, bias, gate_up, down, s_gate_up, s_down, s_gate = layer_weights(moe)
+    x = torch.randn(1, 32)
+    with pytest.raises(ValueError, match=r"down has shape \(8, 32, 15\), expected \(8, 32, 16\)"):
+        native.bind(router, bias, gate_up, down[..., :15], s_gate_up, s_down, top_k=2)
+    with pytest.raises(ValueError, match=r"router has shape"):
+        native.bind(router[:7], bias, gate_up, down, s_gate_up, s_down, top_k=2)
+    with pytest.raises(ValueError, match=r"top_k 9 \(allowed 1..8\)"):
+        native.bind(router, bias, gate_up, down, s_gate_up, s_down, top_k=9)
+    with pytest.raises(ValueError, match="scoring 'cosine'"):
+        native.bind(router, bias, gate_up, down, s_gate_up, s_down, top_k=2, scoring="cosine")
+    with pytest.raises(ValueError, match="come together"):
+        native.bind(router, bias, gate_up, down, s_gate_up, None, top_k=2)
+    with pytest.raises(ValueError, match="fp32, contiguous CPU"):
+        native.bind(router, bias, gate_up.bfloat16(), down, s_gate_up, s_down, top_k=2)
+    with pytest.raises(ValueError, match="fp32, contiguous CPU"):
+        native.bind(router, bias, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, s_gate_up, s_down, top_k=2)
+    kernel = native.bind(router, bias, gate_up, down, s_gate_up, s_down, top_k=2)
+    with pytest.raises(ValueError, match=r"x must be a contiguous fp32 CPU tensor \[\.\.\., 32\]"):
+        kernel(torch.randn(1, 31))
+    with pytest.raises(ValueError, match="x must be"):
+        kernel(x.double())
+    with pytest.raises(ValueError, match="x must be"):
+        kernel(torch.randn(32, 2).t())
+
+
+def test_concurrent_calls_on_one_binding_agree_with_sequential_ones() -> None:
+    """The kernel keeps no state between calls (its scratch is per call), and ctypes releases the
+    GIL while it runs: threads may share a binding."""
+    moe = make_moe(64, seed=6, num_experts=16, top_k=4, expert_hidden=16, num_shared_experts=1)
+    kernel = native.bind(*layer_weights(moe), **routing_of(moe))
+    xs = [torch.randn(2, 64) for _ in range(8)]
+    want = [kernel(x) for x in xs]
+    got: list = [None] * len(xs)
+
+    def work(i: int) -> None:
+        for _ in range(50):
+            got[i] = kernel(xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE layer's use of the kernel
+
+
+def count_kernel_runs(monkeypatch) -> list[int]:
+    runs: list[int] = []
+    real = native.FusedMoEDecode.run
+
+    def counted(self, x, numel, return_routing=False):
+        runs.append(numel // self.d_model)
+        return real(self, x, numel, return_routing)
+
+    monkeypatch.setattr(native.FusedMoEDecode, "run", counted)
+    return runs
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS[:5])
+def test_moe_eval_forward_of_few_tokens_runs_the_kernel(monkeypatch, kwargs) -> None:
+    runs = count_kernel_runs(monkeypatch)
+    gen = torch.Generator().manual_seed(23)
+    moe = biased(make_moe(48, seed=7, **kwargs), gen)
+    for T in (1, 2):
+        x = fresh_tokens(moe, T, 48, gen)
+        with torch.inference_mode():
+            y, aux = moe(x[None])
+        assert aux is None
+        y_ref, _, _, _ = moe_reference(copy.deepcopy(moe).double(), x.double())
+        torch.testing.assert_close(y[0].double(), y_ref, atol=2e-5, rtol=1e-4)
+        torch_path = copy.deepcopy(moe)
+        torch_path.native = False
+        with torch.no_grad():
+            y_torch, _ = torch_path(x[None])
+        torch.testing.assert_close(y, y_torch, atol=1e-5, rtol=1e-4)  # fp32 both, summed in other orders
+    assert runs == [1, 2]
+
+
+def test_moe_takes_the_pytorch_path_where_the_kernel_does_not_apply(monkeypatch) -> None:
+    runs = count_kernel_runs(monkeypatch)
+    gen = torch.Generator().manual_seed(24)
+    D = 32
+    plain = make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16).eval()
+    x = fresh_tokens(plain, 1, D, gen)[None]
+    cases = {
+        "autograd on": (plain, lambda m: m(x)),
+        "training": (copy.deepcopy(plain).train(), lambda m: m(x)),
+        "switched off": (copy.deepcopy(plain), lambda m: (setattr(m, "native", False), m(x))),
+        "bf16 weights": (copy.deepcopy(plain).bfloat16(), lambda m: m(x.bfloat16())),
+        "float64": (copy.deepcopy(plain).double(), lambda m: m(x.double())),
+        "autocast": (plain, lambda m: _autocast(m, x)),
+        "too many tokens": (plain, lambda m: m(torch.randn(1, plain.decode_slots // 2 + 1, D))),
+        "non-contiguous input": (plain, lambda m: m(torch.randn(1, 1, 2 * D)[..., ::2])),
+        "capacity": (make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, capacity_factor=1.0).eval(), lambda m: m(x)),
+        "expert choice": (make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, routing="expert_choice").eval(), lambda m: m(x)),
+    }
+    for name, (moe, call) in cases.items():
+        grad = name == "autograd on"
+        with torch.set_grad_enabled(grad):
+            call(moe)
+        assert runs == [], name
+    with torch.no_grad():
+        plain(x)
+    assert runs == [1]
+
+
+def _autocast(moe, x):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return moe(x)
+
+
+def test_binding_follows_the_weights(monkeypatch) -> None:
+    """The kernel reads the weights where they lie (in-place updates are seen at once) and is
+    re-bound when they move: .to(), load_state_dict(assign=True), a new Parameter, a copy."""
+    runs = count_kernel_runs(monkeypatch)
+    gen = torch.Generator().manual_seed(25)
+    D = 32
+    moe = make_moe(D, seed=9, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1).eval()
+    x = fresh_tokens(moe, 1, D, gen)
+
+    def check(m: MoE) -> None:
+        with torch.no_grad():
+            y, _ = m(x[None])
+        y_ref, _, _, _ = moe_reference(copy.deepcopy(m).double(), x.double())
+        torch.testing.assert_close(y[0].double(), y_ref, atol=2e-5, rtol=1e-4)
+
+    check(moe)
+    with torch.no_grad():  # in place: same binding, new values
+        moe.experts.gate_up_proj.mul_(1.5)
+        moe.shared.down_proj.weight.add_(0.1)
+    check(moe)
+    moe.double().float()  # moved there and back (new storage each time)
+    check(moe)
+    other = make_moe(D, seed=10, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1)
+    moe.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    check(moe)
+    moe.experts.down_proj = nn.Parameter(torch.randn_like(moe.experts.down_proj) * 0.1)
+    check(moe)
+    moe.shared.gate_up_proj.weight = nn.Parameter(torch.randn_like(moe.shared.gate_up_proj.weight) * 0.1)
+    check(moe)
+    clone = copy.deepcopy(moe)  # the copy binds its own weights
+    with torch.no_grad():
+        clone.router.weight.mul_(-1.0)
+    check(clone)
+    check(moe)
+    moe.router.weight.data = torch.randn_like(moe.router.weight) * 3.0  # a bare .data swap: by hand
+    moe.reset_fused()
+    check(moe)
+    assert len(runs) == 9
+
+
+def test_decoding_a_model_with_and_without_the_kernel_gives_the_same_tokens() -> None:
+    from moelab.config import load_config
+    from moelab.model import Transformer
+
+    cfg = load_config(preset="small-moe", overrides=["model.n_layers=2", "model.vocab_size=300"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    for moe in model.moe_layers():  # small logits gaps would make greedy decoding fragile: spread them
+        with torch.no_grad():
+            moe.router.weight.mul_(20.0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 8))
+
+    def greedy(native_on: bool) -> tuple[list[int], torch.Tensor]:
+        for moe in model.moe_layers():
+            moe.native = native_on
+        from moelab.model import KVCache
+
+        cache = KVCache(cfg, 1, 64, "cpu", torch.float32)
+        tokens, logits_seen = [], []
+        with torch.inference_mode():
+            logits = model(prompt, cache=cache).logits[:, -1]
+            for p in range(8, 24):
+                token = int(logits.argmax())
+                tokens.append(token)
+                logits = model(torch.tensor([[token]]), positions_BT=torch.tensor([[p]]), cache=cache).logits[:, -1]
+                logits_seen.append(logits)
+        return tokens, torch.cat(logits_seen)
+
+    tokens_native, logits_native = greedy(True)
+    tokens_torch, logits_torch = greedy(False)
+    assert tokens_native == tokens_torch
+    torch.testing.assert_close(logits_native, logits_torch, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+
+def test_build_caches_the_library_by_content(tmp_path) -> None:
+    first = build.build("moe_decode", tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and first.name.startswith("moe_decode-") and first.suffix == ".so"
+    assert build.build("moe_decode", tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_build_failure_says_why_and_load_falls_back(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(build.KernelBuildError, match="no C compiler found"):
+        build.build("moe_decode", tmp_path)
+    fake = tmp_path / "broken-cc"
+    fake.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.KernelBuildError, match=r"failed \(exit 3\): broken-cc: cannot compile"):
+        build.build("moe_decode")
+    with caplog.at_level(logging.WARNING, logger="moelab.kernels.build"):
+        assert build.load("moe_decode") is None
+    assert "using the PyTorch path" in caplog.text
+    assert not any((tmp_path / "cache" / "kernels").glob("*.so"))
+
+
+def test_native_kernels_can_be_switched_off(monkeypatch) -> None:
+    monkeypatch.setenv("MOELAB_NATIVE", "0")
+    assert build.load("moe_decode") is None
+    monkeypatch.setenv("MOELAB_NATIVE", "1")
+    assert build.load("moe_decode") is not None
+    assert os.environ["MOELAB_NATIVE"] == "1"
