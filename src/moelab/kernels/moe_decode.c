@@ -1,9 +1,13 @@
-/* Fused MoE layer for a few tokens on the CPU (decoding): router, top-k, the k chosen SwiGLU
- * experts read where they lie, and the shared expert, in one call, fp32 throughout.
+/* Fused MoE layer for a few tokens on the CPU (decoding, short prefills): router, top-k, the
+ * chosen SwiGLU experts read where they lie, and the shared expert, in one call, fp32 throughout.
  *
  * Why: at decode the PyTorch MoE layer is bound by per-operator overhead, not by arithmetic
  * (about 20 small ops per layer against 5 for a dense FFN of the same active width). One call
  * does the same arithmetic as the dense FFN plus the router's E dot products.
+ *
+ * Tokens are grouped by expert (the T*k slots sorted by expert), so each chosen expert's
+ * weights are read from memory once per call and applied to all of its tokens while they sit in
+ * L1: at T > 1 the traffic is that of the distinct experts chosen, not of the slots.
  *
  * Layouts (row-major, contiguous), as moelab.model.moe stores them:
  *   x        [T, D]        tokens
@@ -22,6 +26,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* 16-float vectors (GCC/Clang vector extensions: AVX-512 here, pairs of AVX2 or NEON registers
  * elsewhere); aligned(4) makes loads through this type unaligned loads. */
@@ -34,47 +39,66 @@ static inline float hsum(v16 v) {
     return s;
 }
 
-/* y_N = W_ND @ x_D (row-major W). ROWS rows at a time, each with its own accumulator: independent
- * FMA chains keep the vector units busy and give the memory system ROWS streams to fetch, where
- * one dot product at a time waits on each FMA's latency. */
-static void gemv(const float *restrict W, const float *restrict x, int64_t N, int64_t D, float *restrict y) {
-    int64_t Dv = D - D % 16;
+/* Y[m, n] = W[n, :] . X[m][:] for M vectors X[m] of length D and W [N, D] row-major; Y has row
+ * stride ldy. ROWS rows of W at a time, each with its own accumulator (independent FMA chains),
+ * and each block of rows (ROWS * D floats) applied to all M vectors while it is in L1, so W is
+ * read from memory once whatever M. */
+static void gemm_nt(const float *restrict W, int64_t N, int64_t D, const float *const *X, int64_t M,
+                    float *restrict Y, int64_t ldy) {
+    const int64_t Dv = D - D % 16;
     int64_t n = 0;
     for (; n + ROWS <= N; n += ROWS) {
-        v16 acc[ROWS] = {{0.f}};
-        for (int64_t c = 0; c < Dv; c += 16) {
-            v16 xv = *(const v16 *)(x + c);
-            for (int r = 0; r < ROWS; r++) acc[r] += *(const v16 *)(W + (n + r) * D + c) * xv;
-        }
-        for (int r = 0; r < ROWS; r++) {
-            float s = hsum(acc[r]);
-            for (int64_t c = Dv; c < D; c++) s += W[(n + r) * D + c] * x[c];
-            y[n + r] = s;
+        const float *Wn = W + n * D;
+        for (int64_t m = 0; m < M; m++) {
+            const float *restrict x = X[m];
+            v16 acc[ROWS] = {{0.f}};
+            for (int64_t c = 0; c < Dv; c += 16) {
+                v16 xv = *(const v16 *)(x + c);
+                for (int r = 0; r < ROWS; r++) acc[r] += *(const v16 *)(Wn + r * D + c) * xv;
+            }
+            for (int r = 0; r < ROWS; r++) {
+                float s = hsum(acc[r]);
+                for (int64_t c = Dv; c < D; c++) s += Wn[r * D + c] * x[c];
+                Y[m * ldy + n + r] = s;
+            }
         }
     }
     for (; n < N; n++) {
-        v16 acc = {0.f};
-        for (int64_t c = 0; c < Dv; c += 16) acc += *(const v16 *)(W + n * D + c) * *(const v16 *)(x + c);
-        float s = hsum(acc);
-        for (int64_t c = Dv; c < D; c++) s += W[n * D + c] * x[c];
-        y[n] = s;
+        const float *Wn = W + n * D;
+        for (int64_t m = 0; m < M; m++) {
+            const float *restrict x = X[m];
+            v16 acc = {0.f};
+            for (int64_t c = 0; c < Dv; c += 16) acc += *(const v16 *)(Wn + c) * *(const v16 *)(x + c);
+            float s = hsum(acc);
+            for (int64_t c = Dv; c < D; c++) s += Wn[c] * x[c];
+            Y[m * ldy + n] = s;
+        }
     }
 }
 
 static inline float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
 
-/* out_D += down_DH @ (silu(gate) * up * scale), [gate; up] = gate_up_2HD @ x_D.
- * scratch: 2H + D floats. */
-static void swiglu_add(const float *restrict x_D, const float *restrict gate_up_2HD, const float *restrict down_DH,
-                       int64_t D, int64_t H, float scale, float *restrict scratch, float *restrict out_D) {
-    float *gate_up = scratch, *partial = scratch + 2 * H;
-    gemv(gate_up_2HD, x_D, 2 * H, D, gate_up);
-    for (int64_t i = 0; i < H; i++) {
-        float g = gate_up[i];
-        gate_up[i] = g * sigmoidf(g) * gate_up[H + i] * scale;
+/* For M tokens X[m] of one SwiGLU (gate_up [2H, D], down [D, H]):
+ * out[row[m]] += scale[m] * down @ (silu(gate) * up). scratch: M * (3H + D) floats + M pointers. */
+static void swiglu_add(const float *const *X, int64_t M, const float *restrict gate_up_2HD,
+                       const float *restrict down_DH, int64_t D, int64_t H, const float *scale,
+                       const int64_t *row, float *restrict scratch, const float **hidden_rows, float *restrict out) {
+    float *gu = scratch, *hidden = scratch + M * 2 * H, *partial = hidden + M * H;
+    gemm_nt(gate_up_2HD, 2 * H, D, X, M, gu, 2 * H);
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * H, *u = g + H;
+        float *h = hidden + m * H;
+        /* the routing weight scales the activation before down (a linear map): I values, not D */
+        const float w = scale[m];
+        for (int64_t i = 0; i < H; i++) h[i] = g[i] * sigmoidf(g[i]) * u[i] * w;
+        hidden_rows[m] = h;
     }
-    gemv(down_DH, gate_up, D, H, partial);
-    for (int64_t d = 0; d < D; d++) out_D[d] += partial[d];
+    gemm_nt(down_DH, D, H, hidden_rows, M, partial, D);
+    for (int64_t m = 0; m < M; m++) {
+        float *o = out + row[m] * D;
+        const float *p = partial + m * D;
+        for (int64_t d = 0; d < D; d++) o[d] += p[d];
+    }
 }
 
 /* One MoE layer as the kernel reads it (mirrored by moelab.kernels.moe_decode.LayerArgs). */
@@ -85,70 +109,102 @@ typedef struct {
     const float *router, *bias, *gate_up, *down, *sh_gate_up, *sh_down, *sh_gate;
 } moelab_moe_layer;
 
+/* The k experts of one token and their weights, from its router logits [E]. */
+static void route_token(const moelab_moe_layer *L, const float *restrict logits, float *restrict select,
+                        int64_t *restrict chosen, float *restrict weight) {
+    const int64_t E = L->E, K = L->K;
+    const int sigmoid = L->scoring == 1, renormalize = (int)L->renormalize;
+    const float route_scale = L->route_scale, *restrict bias = L->bias;
+    for (int64_t e = 0; e < E; e++) {
+        float s = sigmoid ? sigmoidf(logits[e]) : logits[e];
+        select[e] = bias ? s + bias[e] : s;
+    }
+    /* top-k by repeated selection: k passes over E, k and E are small */
+    for (int64_t j = 0; j < K; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t q = 0; q < j; q++) taken |= chosen[q] == e;
+            if (!taken && (best < 0 || select[e] > select[best])) best = e;
+        }
+        chosen[j] = best;
+    }
+    if (sigmoid) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < K; j++) sum += (weight[j] = sigmoidf(logits[chosen[j]]));
+        float scale = renormalize ? route_scale / (sum > 1e-20f ? sum : 1e-20f) : route_scale;
+        for (int64_t j = 0; j < K; j++) weight[j] *= scale;
+    } else {
+        /* softmax over the chosen logits (renormalize) or over all E */
+        int64_t n = renormalize ? K : E;
+        float top = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            float l = logits[renormalize ? chosen[j] : j];
+            top = l > top ? l : top;
+        }
+        for (int64_t j = 0; j < n; j++) sum += expf(logits[renormalize ? chosen[j] : j] - top);
+        for (int64_t j = 0; j < K; j++) weight[j] = expf(logits[chosen[j]] - top) / sum * route_scale;
+    }
+}
+
 int moelab_moe_decode_f32(const moelab_moe_layer *L, int64_t T, const float *x, float *out,
                           int64_t *expert_out, float *weight_out) {
-    const int64_t D = L->D, E = L->E, K = L->K, I = L->I, Hs = L->Hs;
-    const float *router = L->router, *bias = L->bias, *gate_up = L->gate_up, *down = L->down;
-    const int scoring = (int)L->scoring, renormalize = (int)L->renormalize;
-    const float route_scale = L->route_scale;
-    int64_t H = I > Hs ? I : Hs;
-    /* scratch: logits [E], selection scores [E], chosen weights [K], SwiGLU [2H + D]; chosen ids [K] */
-    float *buf = malloc(sizeof(float) * (size_t)(2 * E + K + 2 * H + D));
-    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)K);
-    if (!buf || !chosen) {
-        free(buf);
-        free(chosen);
-        return -1;
+    const int64_t D = L->D, E = L->E, K = L->K, I = L->I, Hs = L->Hs, S = T * K;
+    const int64_t H = I > Hs ? I : Hs;
+    /* scratch, floats: logits [T, E], selection [E], slot weights [S] and grouped [S], shared
+     * gate [T], SwiGLU [T * (3H + D)]; int64: slot experts [S], grouped experts [S] and tokens
+     * [S], token ids [T]; pointers: rows [T] twice */
+    const size_t n_float = (size_t)(T * E + E + 2 * S + T + T * (3 * H + D));
+    const size_t n_int = (size_t)(3 * S + T);
+    /* one allocation: 8-byte items first, floats after */
+    char *buf = malloc(sizeof(int64_t) * n_int + sizeof(float *) * (size_t)(2 * T) + sizeof(float) * n_float);
+    if (!buf) return -1;
+    int64_t *slot_e = (int64_t *)buf, *group_e = slot_e + S, *group_t = group_e + S, *token = group_t + S;
+    const float **rows = (const float **)(token + T), **hidden_rows = rows + T;
+    float *logits = (float *)(hidden_rows + T), *select = logits + T * E, *slot_w = select + E, *group_w = slot_w + S;
+    float *gate = group_w + S, *scratch = gate + T;
+
+    for (int64_t t = 0; t < T; t++) rows[t] = x + t * D;
+    gemm_nt(L->router, E, D, rows, T, logits, E);
+    for (int64_t t = 0; t < T; t++) route_token(L, logits + t * E, select, slot_e + t * K, slot_w + t * K);
+
+    /* slots sorted by expert, token order kept within an expert (insertion sort: S is small at
+     * decode, and this touches nothing of size E) */
+    for (int64_t s = 0; s < S; s++) {
+        int64_t e = slot_e[s], at = s;
+        while (T > 1 && at > 0 && group_e[at - 1] > e) {
+            group_e[at] = group_e[at - 1];
+            group_t[at] = group_t[at - 1];
+            group_w[at] = group_w[at - 1];
+            at--;
+        }
+        group_e[at] = e;
+        group_t[at] = s / K;
+        group_w[at] = slot_w[s];
     }
-    float *logits = buf, *select = buf + E, *weight = buf + 2 * E, *hidden = buf + 2 * E + K;
-    for (int64_t t = 0; t < T; t++) {
-        const float *x_D = x + t * D;
-        float *out_D = out + t * D;
-        gemv(router, x_D, E, D, logits);
-        for (int64_t e = 0; e < E; e++) {
-            float s = scoring == 1 ? sigmoidf(logits[e]) : logits[e];
-            select[e] = bias ? s + bias[e] : s;
+    memset(out, 0, sizeof(float) * (size_t)(T * D));
+    for (int64_t first = 0, M; first < S; first += M) {
+        const int64_t e = group_e[first];
+        for (M = 1; first + M < S && group_e[first + M] == e; M++) {
         }
-        /* top-k by repeated selection: k passes over E, k and E are small at decode */
-        for (int64_t j = 0; j < K; j++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                int taken = 0;
-                for (int64_t q = 0; q < j; q++) taken |= chosen[q] == e;
-                if (!taken && (best < 0 || select[e] > select[best])) best = e;
-            }
-            chosen[j] = best;
-        }
-        if (scoring == 1) {
-            float sum = 0.f;
-            for (int64_t j = 0; j < K; j++) sum += (weight[j] = sigmoidf(logits[chosen[j]]));
-            float scale = renormalize ? route_scale / (sum > 1e-20f ? sum : 1e-20f) : route_scale;
-            for (int64_t j = 0; j < K; j++) weight[j] *= scale;
-        } else {
-            /* softmax over the chosen logits (renormalize) or over all E */
-            int64_t n = renormalize ? K : E;
-            float top = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < n; j++) {
-                float l = logits[renormalize ? chosen[j] : j];
-                top = l > top ? l : top;
-            }
-            for (int64_t j = 0; j < n; j++) sum += expf(logits[renormalize ? chosen[j] : j] - top);
-            for (int64_t j = 0; j < K; j++) weight[j] = expf(logits[chosen[j]] - top) / sum * route_scale;
-        }
-        for (int64_t d = 0; d < D; d++) out_D[d] = 0.f;
-        for (int64_t j = 0; j < K; j++)
-            swiglu_add(x_D, gate_up + chosen[j] * 2 * I * D, down + chosen[j] * D * I, D, I, weight[j], hidden, out_D);
-        if (Hs > 0) {
-            float gate = 1.f;
-            if (L->sh_gate) gemv(L->sh_gate, x_D, 1, D, &gate), gate = sigmoidf(gate);
-            swiglu_add(x_D, L->sh_gate_up, L->sh_down, D, Hs, gate, hidden, out_D);
-        }
-        if (expert_out)
-            for (int64_t j = 0; j < K; j++) expert_out[t * K + j] = chosen[j];
-        if (weight_out)
-            for (int64_t j = 0; j < K; j++) weight_out[t * K + j] = weight[j];
+        for (int64_t m = 0; m < M; m++) rows[m] = x + group_t[first + m] * D;
+        swiglu_add(rows, M, L->gate_up + e * 2 * I * D, L->down + e * D * I, D, I, group_w + first, group_t + first,
+                   scratch, hidden_rows, out);
     }
+    if (Hs > 0) {
+        for (int64_t t = 0; t < T; t++) {
+            rows[t] = x + t * D;
+            token[t] = t;
+            gate[t] = 1.f;
+        }
+        if (L->sh_gate) {
+            gemm_nt(L->sh_gate, 1, D, rows, T, gate, 1);
+            for (int64_t t = 0; t < T; t++) gate[t] = sigmoidf(gate[t]);
+        }
+        swiglu_add(rows, T, L->sh_gate_up, L->sh_down, D, Hs, gate, token, scratch, hidden_rows, out);
+    }
+    if (expert_out) memcpy(expert_out, slot_e, sizeof(int64_t) * (size_t)S);
+    if (weight_out) memcpy(weight_out, slot_w, sizeof(float) * (size_t)S);
     free(buf);
-    free(chosen);
     return 0;
 }

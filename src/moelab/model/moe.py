@@ -205,6 +205,13 @@ class MoE(nn.Module):
         # so the break-even grows with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
         # vs grouped 2.2 ms; E=8 k=2 at 1 token, 0.27 vs 0.41 ms (at 4 tokens, 0.73 vs 0.65).
         self.decode_slots = max(16, 3 * cfg.num_experts // 2)
+        # Eval forwards of at most this many tokens may take the fused C kernel (_fused_forward).
+        # NOTE: it groups slots by expert but its matrix products are plain vector code, so at
+        # larger T the grouped path's oneDNN GEMMs win. Measured per layer on CPU, kernel vs the
+        # PyTorch path at 32 / 64 / 128 tokens: small-moe 0.59 / 1.07 / 2.12 ms vs 0.93 / 1.16 / 1.46;
+        # small-moe-coarse 0.42 / 0.75 / 1.43 vs 0.58 / 0.70 / 0.88; D=512 E=8 I=1024 4.3 / 7.1 / 13.0
+        # vs 5.3 / 8.6 / 9.3 (1 thread; 2 threads moved none of these break-evens).
+        self.native_max_tokens = 48
         self.expert_numel = 3 * cfg.expert_hidden * d_model  # weights of one routed expert
         # NOTE (distributed): data / expert parallelism (moelab.distributed) sets this to a function
         # that sums the slot counts over every data-parallel rank, so that the balancing loss sees the
@@ -276,8 +283,8 @@ class MoE(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer in the fused C kernel (moelab.kernels.moe_decode) when this forward may
-        take it, else None. The caller has checked `native` and `fused_decode_context`. Here: a few
-        fp32 contiguous tokens (the dtype again: the kernel reads this tensor as fp32) of width D;
+        take it, else None. The caller has checked `native` and `fused_decode_context`. Here: at
+        most native_max_tokens fp32 contiguous tokens (the dtype again: the kernel reads this tensor as fp32) of width D;
         at binding, token choice without capacity, the stock Experts, fp32 contiguous CPU weights
         and a compiled kernel.
 
@@ -289,7 +296,7 @@ class MoE(nn.Module):
         (`FusedBinding.holds`), not by rebuilding it or reading the weights' addresses."""
         cfg = self.cfg
         n, D = x.numel(), x.shape[-1]
-        if x.dtype is not torch.float32 or n * cfg.top_k > self.decode_slots * D or not x.is_contiguous():
+        if x.dtype is not torch.float32 or n > self.native_max_tokens * D or not x.is_contiguous():
             return None
         binding, settings = self._fused, (cfg.routing, cfg.capacity_factor, cfg.top_k, cfg.scoring, cfg.renormalize, cfg.route_scale, cfg.bias_update_rate > 0)
         if binding is None or not binding.holds(settings):
