@@ -30,9 +30,12 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 QK_NORM_CHOICES = ("none", "head", "full")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
-    """The mixture-of-experts feed-forward. Present on ModelConfig.moe means the model is sparse."""
+    """The mixture-of-experts feed-forward. Present on ModelConfig.moe means the model is sparse.
+
+    Frozen: an MoE layer is built from it and keeps it (its fused decode kernel is bound to these
+    settings); derive a changed copy with dataclasses.replace."""
 
     num_experts: int = 8  # E, routed experts per MoE layer
     top_k: int = 2  # k, experts per token (token choice); mean experts per token (expert choice)

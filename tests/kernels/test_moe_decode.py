@@ -4,6 +4,7 @@ weights, the conditions under which an MoE takes it, and the build that compiles
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import threading
@@ -215,7 +216,7 @@ def _autocast(moe, x):
 
 def test_binding_follows_the_weights(monkeypatch) -> None:
     """The kernel reads the weights where they lie (in-place updates are seen at once) and is
-    re-bound when they move: .to(), load_state_dict(assign=True), a new Parameter, a copy."""
+    re-bound when they move: .to(), load_state_dict(assign=True), a new Parameter, a copy, a new config."""
     runs = count_kernel_runs(monkeypatch)
     gen = torch.Generator().manual_seed(25)
     D = 32
@@ -247,10 +248,12 @@ def test_binding_follows_the_weights(monkeypatch) -> None:
         clone.router.weight.mul_(-1.0)
     check(clone)
     check(moe)
+    moe.cfg = dataclasses.replace(moe.cfg, route_scale=3.0, renormalize=False)  # settings: a new (frozen) config
+    check(moe)
     moe.router.weight.data = torch.randn_like(moe.router.weight) * 3.0  # a bare .data swap: by hand
     moe.reset_fused()
     check(moe)
-    assert len(runs) == 9
+    assert len(runs) == 10
 
 
 def test_decoding_a_model_with_and_without_the_kernel_gives_the_same_tokens() -> None:

@@ -4,6 +4,7 @@ trained (or reused), fitted with moelab.analysis.scaling, and extrapolated to a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -34,9 +35,8 @@ def scale_width(base: RunConfig, width: int) -> RunConfig:
     m.d_model = width
     m.ffn_hidden = _scaled(m.ffn_hidden, factor)
     if m.moe is not None:
-        m.moe.expert_hidden = _scaled(m.moe.expert_hidden, factor)
-        if m.moe.shared_expert_hidden:
-            m.moe.shared_expert_hidden = _scaled(m.moe.shared_expert_hidden, factor)
+        shared = _scaled(m.moe.shared_expert_hidden, factor) if m.moe.shared_expert_hidden else 0
+        m.moe = dataclasses.replace(m.moe, expert_hidden=_scaled(m.moe.expert_hidden, factor), shared_expert_hidden=shared)
     return cfg.validate()
 
 

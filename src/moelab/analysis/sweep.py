@@ -9,6 +9,7 @@ dense FFN in MoE clothing. Shared experts, if the base has them, are kept as the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -58,10 +59,7 @@ def sweep_points(base: RunConfig, experts: list[int], granularities: list[int]) 
                 skipped.append(f"{label}: needs at least G={G} experts to activate G of them")
                 continue
             cfg = copy.deepcopy(base)
-            cfg.model.moe.num_experts = E
-            cfg.model.moe.top_k = G
-            cfg.model.moe.expert_hidden = active // G
-            cfg.model.moe.route_scale = scale_per_k * G
+            cfg.model.moe = dataclasses.replace(moe, num_experts=E, top_k=G, expert_hidden=active // G, route_scale=scale_per_k * G)
             points.append((label, cfg.validate()))
     if not points:
         raise MoelabError("no feasible (E, G) point: " + "; ".join(skipped))

@@ -153,17 +153,15 @@ class FusedBinding:
     """MoE._fused: the fused decode kernel bound to one layer's weights (None: the layer is not
     eligible), and what it was bound to, so that a forward can tell cheaply whether it still holds.
 
-    links: (container, key, object) for every step from the MoE module to each weight the kernel
-    reads (MoE._modules["router"] is the router, router._parameters["weight"] its weight, ...).
-    Any module or parameter replaced since binding breaks a link; absent ones are linked to None."""
+    links: (container, key, object) for the layer's config (frozen, so its identity is its
+    settings) and every step from the MoE module to each weight the kernel reads
+    (MoE._modules["router"] is the router, router._parameters["weight"] its weight, ...). Any
+    config, module or parameter replaced since binding breaks a link; absent ones link to None."""
 
     links: tuple[tuple[dict, str, object], ...]
-    settings: tuple
     kernel: native.FusedMoEDecode | None
 
-    def holds(self, settings: tuple) -> bool:
-        if settings != self.settings:
-            return False
+    def holds(self) -> bool:
         for container, key, obj in self.links:  # NOTE: a plain loop; a generator costs twice as much
             if container.get(key) is not obj:
                 return False
@@ -294,19 +292,18 @@ class MoE(nn.Module):
         the kernel has streamed the expert weights through the caches, every Python object and
         torch call touched is a cache miss. Hence the kept binding, checked by identity
         (`FusedBinding.holds`), not by rebuilding it or reading the weights' addresses."""
-        cfg = self.cfg
         n, D = x.numel(), x.shape[-1]
         if x.dtype is not torch.float32 or n > self.native_max_tokens * D or not x.is_contiguous():
             return None
-        binding, settings = self._fused, (cfg.routing, cfg.capacity_factor, cfg.top_k, cfg.scoring, cfg.renormalize, cfg.route_scale, cfg.bias_update_rate > 0)
-        if binding is None or not binding.holds(settings):
-            binding = self._fused = self._bind_fused(settings)
+        binding = self._fused
+        if binding is None or not binding.holds():
+            binding = self._fused = self._bind_fused()
         kernel = binding.kernel
         if kernel is None or kernel.d_model != D:
             return None
         return kernel.run(x, n)
 
-    def _bind_fused(self, settings: tuple) -> FusedBinding:
+    def _bind_fused(self) -> FusedBinding:
         """Bind the kernel to this layer's current weights (kernel None when it cannot read them).
 
         NOTE: the weights are read through _modules / _parameters, the links FusedBinding.holds
@@ -314,9 +311,9 @@ class MoE(nn.Module):
         cfg = self.cfg
         modules = self._modules
         experts = modules["experts"]
-        links: list[tuple[dict, str, object]] = [(modules, "experts", experts)]
+        links: list[tuple[dict, str, object]] = [(self.__dict__, "cfg", cfg), (modules, "experts", experts)]
         if type(experts) is not Experts:  # a distributed replacement does its own dispatch
-            return FusedBinding(links=tuple(links), settings=settings, kernel=None)
+            return FusedBinding(links=tuple(links), kernel=None)
 
         def link(container: dict, key: str) -> object:
             obj = container.get(key)
@@ -338,7 +335,7 @@ class MoE(nn.Module):
             # detached aliases: the kernel's addresses stay valid even if a Parameter's .data is swapped later
             aliases = [None if w is None else w.detach() for w in weights]
             kernel = native.bind(*aliases, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
-        return FusedBinding(links=tuple(links), settings=settings, kernel=kernel)
+        return FusedBinding(links=tuple(links), kernel=kernel)
 
     def reset_fused(self) -> None:
         """Drop the fused kernel's binding (rebuilt on the next decode forward). Needed only after a
