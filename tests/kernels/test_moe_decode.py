@@ -86,6 +86,25 @@ def test_kernel_output_keeps_the_input_shape_and_fails_the_reference_when_wrong(
     assert not torch.allclose(y_broken.double(), y_ref, atol=2e-5, rtol=1e-4)
 
 
+def test_large_activations_and_nan_inputs() -> None:
+    """The kernel's own exp (silu) over gate activations far into both tails, against float64; and
+    a NaN token gives NaN, as in PyTorch, without disturbing the other tokens."""
+    gen = torch.Generator().manual_seed(26)
+    moe = make_moe(32, seed=11, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1).eval()
+    with torch.no_grad():
+        moe.experts.gate_up_proj.mul_(40.0)  # gate values of +-100 and more: exp under- and overflows
+        moe.shared.gate_up_proj.weight.mul_(40.0)
+    x = fresh_tokens(moe, 3, 32, gen)
+    y = native.moe_decode(x, *layer_weights(moe), **routing_of(moe))
+    y_ref = moe_reference(copy.deepcopy(moe).double(), x.double())[0].detach()
+    assert y_ref.abs().max() > 1e3
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4 * float(y_ref.abs().max()), rtol=1e-4)
+    x[1, 5] = float("nan")
+    y = native.moe_decode(x, *layer_weights(moe), **routing_of(moe))
+    assert torch.isnan(y[1]).all()
+    torch.testing.assert_close(y[[0, 2]].double(), y_ref[[0, 2]], atol=1e-4 * float(y_ref.abs().max()), rtol=1e-4)
+
+
 def test_ties_choose_the_lower_expert_index() -> None:
     """A zero router scores every expert alike: the kernel takes experts 0..k-1 at equal weights."""
     moe = make_moe(32, seed=4, num_experts=8, top_k=3, expert_hidden=16, route_scale=1.5).eval()

@@ -117,12 +117,15 @@ class FusedMoEDecode:
         dim D, `numel` elements."""
         T = numel // self.d_model
         out = torch.empty_like(x)
-        expert_TK = torch.empty(T, self.top_k, dtype=torch.int64) if return_routing else None
-        weight_TK = torch.empty(T, self.top_k) if return_routing else None
-        status = self._fn(self._args, T, x.data_ptr(), out.data_ptr(), _ptr(expert_TK), _ptr(weight_TK))
-        if status != 0:
-            raise MemoryError(f"fused MoE decode kernel could not allocate its scratch (status {status})")
-        return (out, expert_TK, weight_TK) if return_routing else out
+        if not return_routing:  # the decode step: nothing here it does not need
+            if self._fn(self._args, T, x.data_ptr(), out.data_ptr(), None, None):
+                raise MemoryError("fused MoE decode kernel could not allocate its scratch")
+            return out
+        expert_TK = torch.empty(T, self.top_k, dtype=torch.int64)
+        weight_TK = torch.empty(T, self.top_k)
+        if self._fn(self._args, T, x.data_ptr(), out.data_ptr(), expert_TK.data_ptr(), weight_TK.data_ptr()):
+            raise MemoryError("fused MoE decode kernel could not allocate its scratch")
+        return out, expert_TK, weight_TK
 
 
 def bind(
