@@ -228,6 +228,24 @@ def test_moe_takes_the_pytorch_path_where_the_kernel_does_not_apply(monkeypatch)
     assert runs == [1]
 
 
+def test_large_experts_leave_multi_threaded_runs_to_pytorch(monkeypatch) -> None:
+    """The kernel is single-threaded: with more than one torch thread, experts of more than 2^17
+    weights take the PyTorch path (which splits their products over the threads)."""
+    runs = count_kernel_runs(monkeypatch)
+    large = make_moe(256, seed=12, num_experts=4, top_k=2, expert_hidden=192).eval()  # 3*I*D = 147,456
+    small = make_moe(32, seed=12, num_experts=4, top_k=2, expert_hidden=16).eval()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                large(torch.randn(1, 1, 256))
+                small(torch.randn(1, 1, 32))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs == [1, 1, 1]  # large at 1 thread, small at 1 and 2
+
+
 def _autocast(moe, x):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return moe(x)

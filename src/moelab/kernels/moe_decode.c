@@ -39,6 +39,32 @@ static inline float hsum(v16 v) {
     return s;
 }
 
+/* The 8 horizontal sums of a[0..7] into y[0..7] by a tree of shuffles and vector adds (four
+ * halvings of 8 rows together) instead of 8 x 15 scalar adds: at D = 128 a row is only 8 vector
+ * FMAs, so the scalar reduction cost more than the products. */
+typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+_Static_assert(ROWS == 8, "gemm_nt reduces its rows with hsum8");
+static inline void hsum8(const v16 a[8], float y[8]) {
+    v16 s[4], q[2];
+    for (int r = 0; r < 4; r++) /* lanes 0-7: row 2r folded to 8, lanes 8-15: row 2r+1 */
+        s[r] = SHUFFLE(a[2 * r], a[2 * r + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUFFLE(a[2 * r], a[2 * r + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int r = 0; r < 2; r++) /* four rows, folded to 4 lanes each */
+        q[r] = SHUFFLE(s[2 * r], s[2 * r + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUFFLE(s[2 * r], s[2 * r + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    /* eight rows, 2 lanes each */
+    v16 w = SHUFFLE(q[0], q[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            SHUFFLE(q[0], q[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    v16 z = SHUFFLE(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
+            SHUFFLE(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int r = 0; r < 8; r++) y[r] = z[r];
+}
+
 /* Y[m, n] = W[n, :] . X[m][:] for M vectors X[m] of length D and W [N, D] row-major; Y has row
  * stride ldy. ROWS rows of W at a time, each with its own accumulator (independent FMA chains),
  * and each block of rows (ROWS * D floats) applied to all M vectors while it is in L1, so W is
@@ -56,8 +82,10 @@ static void gemm_nt(const float *restrict W, int64_t N, int64_t D, const float *
                 v16 xv = *(const v16 *)(x + c);
                 for (int r = 0; r < ROWS; r++) acc[r] += *(const v16 *)(Wn + r * D + c) * xv;
             }
+            float sums[ROWS];
+            hsum8(acc, sums);
             for (int r = 0; r < ROWS; r++) {
-                float s = hsum(acc[r]);
+                float s = sums[r];
                 for (int64_t c = Dv; c < D; c++) s += Wn[r * D + c] * x[c];
                 Y[m * ldy + n + r] = s;
             }

@@ -204,12 +204,12 @@ class MoE(nn.Module):
         # vs grouped 2.2 ms; E=8 k=2 at 1 token, 0.27 vs 0.41 ms (at 4 tokens, 0.73 vs 0.65).
         self.decode_slots = max(16, 3 * cfg.num_experts // 2)
         # Eval forwards of at most this many tokens may take the fused C kernel (_fused_forward).
-        # NOTE: it groups slots by expert but its matrix products are plain vector code, so at
-        # larger T the grouped path's oneDNN GEMMs win. Measured per layer on CPU, kernel vs the
-        # PyTorch path at 32 / 64 / 128 tokens: small-moe 0.59 / 1.07 / 2.12 ms vs 0.93 / 1.16 / 1.46;
-        # small-moe-coarse 0.42 / 0.75 / 1.43 vs 0.58 / 0.70 / 0.88; D=512 E=8 I=1024 4.3 / 7.1 / 13.0
-        # vs 5.3 / 8.6 / 9.3 (1 thread; 2 threads moved none of these break-evens).
-        self.native_max_tokens = 48
+        # NOTE: it groups slots by expert but multiplies with plain vector code on one thread, so
+        # at larger T the grouped path's oneDNN GEMMs win. Measured per layer on CPU, 1 thread,
+        # kernel vs the PyTorch path at 64 / 128 / 256 tokens: small-moe 0.51 / 0.89 / 1.90 ms vs
+        # 1.16 / 1.46 / 2.00; small-moe-coarse 0.36 / 0.63 / 1.21 vs 0.70 / 0.89 / 1.23;
+        # D=512 E=8 I=1024 5.0 / 8.4 / 15.3 vs 8.4 / 9.0 / 11.8.
+        self.native_max_tokens = 128
         self.expert_numel = 3 * cfg.expert_hidden * d_model  # weights of one routed expert
         # NOTE (distributed): data / expert parallelism (moelab.distributed) sets this to a function
         # that sums the slot counts over every data-parallel rank, so that the balancing loss sees the
@@ -294,6 +294,12 @@ class MoE(nn.Module):
         (`FusedBinding.holds`), not by rebuilding it or reading the weights' addresses."""
         n, D = x.numel(), x.shape[-1]
         if x.dtype is not torch.float32 or n > self.native_max_tokens * D or not x.is_contiguous():
+            return None
+        if self.expert_numel > _CPU_GATHER_MAX_NUMEL and torch.get_num_threads() > 1:
+            # NOTE: the kernel runs on one thread. Large experts are bandwidth-bound and PyTorch
+            # splits their products over its threads: at D=512, I=1024 with 2 threads the torch
+            # path took 0.42 vs 0.45 ms at one token, 1.7 vs 2.3 at 16; small experts gain nothing
+            # from threads (small-moe, 2 threads: kernel 0.05 vs 0.24 ms at one token).
             return None
         binding = self._fused
         if binding is None or not binding.holds():
