@@ -204,9 +204,10 @@ def decode_step_s(model: Transformer, context: int, steps: int) -> float:
 
 @torch.inference_mode()
 def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer, repeats: int = 300) -> dict:
-    """At one token: the MoE layer against the dense FFN of the same active compute, and the
-    grouped matmul the MoE runs with all E groups (E - k of them empty) against the same matmul
-    over only the k chosen experts."""
+    """At one token, caches warm: the MoE layer as decoding runs it (the fused kernel on the CPU)
+    and on its PyTorch path, against the dense FFN of the same active compute; the PyTorch
+    router; and the grouped matmul with all E groups (E - k of them empty) against the same
+    matmul over only the k chosen experts."""
     moe = moe_model.moe_layers()[0]
     dense: SwiGLU = next(b.ffn for b in dense_model.blocks)
     D = moe_model.cfg.d_model
@@ -229,10 +230,13 @@ def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer,
             best.append((time.perf_counter() - start) / repeats)
         return statistics.median(best)
 
+    torch_path = copy.deepcopy(moe)
+    torch_path.native = False
     result = {
         "moe_layer_us": timed(lambda: moe(x_1D[None])) * 1e6,
+        "moe_layer_pytorch_path_us": timed(lambda: torch_path(x_1D[None])) * 1e6,
         "dense_ffn_us": timed(lambda: dense(x_1D[None])) * 1e6,
-        "router_us": timed(lambda: moe.router(x_1D, need_plan=False)) * 1e6,  # as decoding routes
+        "router_us": timed(lambda: moe.router(x_1D, need_plan=False)) * 1e6,  # as the PyTorch decode path routes
         "grouped_mm_all_groups_us": timed(lambda: torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=all_offsets)) * 1e6,
         "grouped_mm_chosen_groups_us": timed(lambda: torch._grouped_mm(x_SD, chosen_weights.transpose(-2, -1), offs=chosen_offsets)) * 1e6,
         "experts": moe.cfg.num_experts,
@@ -382,7 +386,8 @@ def main() -> None:
     d = results.get("unchosen_experts")
     if d:
         print(
-            f"one layer at one token: MoE {d['moe_layer_us']:.0f} us (router {d['router_us']:.0f} us) vs dense FFN {d['dense_ffn_us']:.0f} us; "
+            f"one layer at one token: MoE {d['moe_layer_us']:.0f} us (PyTorch path {d['moe_layer_pytorch_path_us']:.0f} us, "
+            f"its router {d['router_us']:.0f} us) vs dense FFN {d['dense_ffn_us']:.0f} us; "
             f"grouped_mm over all {d['experts']} experts ({d['experts'] - d['top_k']} empty) {d['grouped_mm_all_groups_us']:.0f} us "
             f"vs over the {d['top_k']} chosen {d['grouped_mm_chosen_groups_us']:.0f} us"
         )
