@@ -6,7 +6,7 @@ released while it runs (ctypes does that), so a server's other threads keep goin
 
 `bind` checks a layer's weights once (dtype, device, contiguity, consistent shapes: the kernel
 trusts them) and returns a `FusedMoEDecode` that holds the tensors and their addresses; a caller
-reuses it for as long as the same tensors sit at the same addresses (moelab.model.moe keys it on them).
+reuses it for as long as those are the layer's weights (moelab.model.moe.FusedBinding checks that).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import functools
 import torch
 
 from moelab.kernels import build
-
-_f32p = ctypes.POINTER(ctypes.c_float)
-
 
 class LayerArgs(ctypes.Structure):
     """Mirror of `moelab_moe_layer` in moe_decode.c."""
@@ -39,7 +36,7 @@ class LayerArgs(ctypes.Structure):
 
 @functools.cache
 def _kernel():
-    # NOTE: one build-and-load per process; the library is immutable once loaded.
+    # NOTE: one build-and-load per process (MOELAB_NATIVE is read then); the library is immutable once loaded.
     lib = build.load("moe_decode")
     if lib is None:
         return None

@@ -147,7 +147,6 @@ class Experts(nn.Module):
 _CPU_GATHER_MAX_NUMEL = 1 << 17
 
 
-
 @dataclass(frozen=True)
 class FusedBinding:
     """MoE._fused: the fused decode kernel bound to one layer's weights (None: the layer is not
@@ -282,9 +281,9 @@ class MoE(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer in the fused C kernel (moelab.kernels.moe_decode) when this forward may
         take it, else None. The caller has checked `native` and `fused_decode_context`. Here: at
-        most native_max_tokens fp32 contiguous tokens (the dtype again: the kernel reads this tensor as fp32) of width D;
-        at binding, token choice without capacity, the stock Experts, fp32 contiguous CPU weights
-        and a compiled kernel.
+        most native_max_tokens fp32 contiguous tokens of width D (the dtype again: the kernel reads
+        this tensor as fp32), large experts only on one thread; at binding, token choice without
+        capacity, the stock Experts, fp32 contiguous CPU weights and a compiled kernel.
 
         NOTE: at decode the PyTorch layer is bound by per-op overhead (about 20 small ops per layer
         against 5 for the dense FFN of the same active width); the kernel does the same arithmetic
