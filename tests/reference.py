@@ -33,8 +33,10 @@ def route(moe, x):
     E, k = cfg.num_experts, cfg.top_k
     logits, scores = routing_scores(moe, x)
     scores_list = scores.tolist()
-    # the balancing bias is added to logits for softmax scoring, to scores for sigmoid scoring
-    select_base = (logits if cfg.scoring == "softmax" else scores).tolist()
+    # selection on the logits (monotone in the scores); with a balancing bias, the bias is added to
+    # the logits for softmax scoring and to the scores for sigmoid scoring
+    biased = cfg.bias_update_rate > 0
+    select_base = (scores if biased and cfg.scoring == "sigmoid" else logits).tolist()
     min_gap = math.inf
     slots = []
     dropped = 0
@@ -50,7 +52,7 @@ def route(moe, x):
         covered = {t for t, _, _ in slots}
         dropped = T - len(covered)
         return slots, dropped, min_gap
-    bias = moe.router.expert_bias.tolist() if cfg.bias_update_rate > 0 else [0.0] * E
+    bias = moe.router.expert_bias.tolist() if biased else [0.0] * E
     choices = []
     for t in range(T):
         select = [select_base[t][e] + bias[e] for e in range(E)]

@@ -31,6 +31,7 @@ CONFIGS = [
     dict(num_experts=8, top_k=2, expert_hidden=16, scoring="sigmoid", renormalize=False, num_shared_experts=1, shared_expert_gate=True),
     dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
     dict(num_experts=4, top_k=4, expert_hidden=5),  # k = E, odd hidden size
+    dict(num_experts=16, top_k=3, expert_hidden=8, renormalize=False, bias_update_rate=0.1),
 ]
 
 
@@ -103,6 +104,35 @@ def test_large_activations_and_nan_inputs() -> None:
     y = native.moe_decode(x, *layer_weights(moe), **routing_of(moe))
     assert torch.isnan(y[1]).all()
     torch.testing.assert_close(y[[0, 2]].double(), y_ref[[0, 2]], atol=1e-4 * float(y_ref.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_a_nan_logit_and_saturated_scores_route_as_the_pytorch_path(scoring) -> None:
+    """torch.topk ranks NaN first, and the kernel does too (the token's output is NaN on both
+    paths); sigmoid scores saturate to 1.0 above a logit of about 17, and both paths select on the
+    logits, so saturated experts are told apart the same way."""
+    gen = torch.Generator().manual_seed(27)
+    moe = make_moe(32, seed=14, num_experts=8, top_k=2, expert_hidden=16, scoring=scoring).eval()
+    with torch.no_grad():
+        moe.router.weight.mul_(30.0)  # logits of +-50 and more
+    torch_path = copy.deepcopy(moe)
+    torch_path.native = False
+    x = torch.randn(4, 32, generator=gen)
+    with torch.no_grad():
+        logits = x @ moe.router.weight.T
+        assert (torch.sigmoid(logits) == 1.0).sum(-1).min() >= 2  # ties among the top scores
+        y, expert_TK, _ = native.moe_decode(x, *layer_weights(moe), return_routing=True, **routing_of(moe))
+        y_torch = torch_path(x[None])[0][0]
+    torch.testing.assert_close(y, y_torch, atol=1e-4, rtol=1e-4)
+    slots, _, _ = route(copy.deepcopy(moe).double(), x.double())
+    assert [sorted(row) for row in expert_TK.tolist()] == [sorted(e for t, e, _ in slots if t == tok) for tok in range(4)]
+    with torch.no_grad():
+        moe.router.weight[5] = float("nan")  # expert 5 scores NaN for every token
+        torch_path.router.weight[5] = float("nan")
+        y, expert_TK, _ = native.moe_decode(x, *layer_weights(moe), return_routing=True, **routing_of(moe))
+        y_torch = torch_path(x[None])[0][0]
+    assert (expert_TK[:, 0] == 5).all()
+    assert torch.isnan(y).all() and torch.isnan(y_torch).all()
 
 
 def test_ties_choose_the_lower_expert_index() -> None:
@@ -211,6 +241,7 @@ def test_moe_takes_the_pytorch_path_where_the_kernel_does_not_apply(monkeypatch)
         "training": (copy.deepcopy(plain).train(), lambda m: m(x)),
         "switched off": (copy.deepcopy(plain), lambda m: (setattr(m, "native", False), m(x))),
         "bf16 weights": (copy.deepcopy(plain).bfloat16(), lambda m: m(x.bfloat16())),
+        "bf16 experts, fp32 input": (_with_bf16_experts(plain), lambda m: m(x)),
         "float64": (copy.deepcopy(plain).double(), lambda m: m(x.double())),
         "autocast": (plain, lambda m: _autocast(m, x)),
         "too many tokens": (plain, lambda m: m(torch.randn(1, plain.native_max_tokens + 1, D))),
@@ -246,6 +277,12 @@ def test_large_experts_leave_multi_threaded_runs_to_pytorch(monkeypatch) -> None
     assert runs == [1, 1, 1]  # large at 1 thread, small at 1 and 2
 
 
+def _with_bf16_experts(moe: MoE) -> MoE:
+    moe = copy.deepcopy(moe)
+    moe.experts.bfloat16()  # the PyTorch path casts the chosen experts to the input's dtype
+    return moe
+
+
 def _autocast(moe, x):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         return moe(x)
@@ -253,7 +290,8 @@ def _autocast(moe, x):
 
 def test_binding_follows_the_weights(monkeypatch) -> None:
     """The kernel reads the weights where they lie (in-place updates are seen at once) and is
-    re-bound when they move: .to(), load_state_dict(assign=True), a new Parameter, a copy, a new config."""
+    re-bound whenever a weight is replaced or its memory moves. Each step changes the weights
+    afterwards in place, so a kernel still reading an old copy would be caught."""
     runs = count_kernel_runs(monkeypatch)
     gen = torch.Generator().manual_seed(25)
     D = 32
@@ -266,31 +304,58 @@ def test_binding_follows_the_weights(monkeypatch) -> None:
         y_ref, _, _, _ = moe_reference(copy.deepcopy(m).double(), x.double())
         torch.testing.assert_close(y[0].double(), y_ref, atol=2e-5, rtol=1e-4)
 
+    def nudge(m: MoE) -> None:  # an in-place change of every weight
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.1)
+
+    steps = {
+        "in place only": lambda: None,
+        "the whole layer converted there and back": lambda: moe.double().float(),
+        "one submodule converted (no MoE._apply)": lambda: moe.experts.double().float(),
+        "a bare .data swap": lambda: setattr(moe.router.weight, "data", torch.randn_like(moe.router.weight) * 3.0),
+        "share_memory_ (what torch.multiprocessing does to a tensor it sends)": lambda: moe.experts.gate_up_proj.share_memory_(),
+        "swap_tensors": lambda: torch.utils.swap_tensors(moe.experts.down_proj, nn.Parameter(moe.experts.down_proj.detach().clone())),
+        "load_state_dict(assign=True)": lambda: moe.load_state_dict(copy.deepcopy(make_moe(D, seed=10, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1).state_dict()), assign=True),
+        "a new Parameter": lambda: setattr(moe.experts, "down_proj", nn.Parameter(torch.randn_like(moe.experts.down_proj) * 0.1)),
+        "a new shared-expert Parameter": lambda: setattr(moe.shared.gate_up_proj, "weight", nn.Parameter(torch.randn_like(moe.shared.gate_up_proj.weight) * 0.1)),
+        # settings: a new (frozen) config for the router (and the reference, which reads moe.cfg)
+        "a new config": lambda: setattr(moe, "cfg", setattr(moe.router, "cfg", dataclasses.replace(moe.cfg, route_scale=3.0, renormalize=False)) or moe.router.cfg),
+    }
     check(moe)
-    with torch.no_grad():  # in place: same binding, new values
-        moe.experts.gate_up_proj.mul_(1.5)
-        moe.shared.down_proj.weight.add_(0.1)
-    check(moe)
-    moe.double().float()  # moved there and back (new storage each time)
-    check(moe)
-    other = make_moe(D, seed=10, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1)
-    moe.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
-    check(moe)
-    moe.experts.down_proj = nn.Parameter(torch.randn_like(moe.experts.down_proj) * 0.1)
-    check(moe)
-    moe.shared.gate_up_proj.weight = nn.Parameter(torch.randn_like(moe.shared.gate_up_proj.weight) * 0.1)
-    check(moe)
+    for name, step in steps.items():
+        step()
+        check(moe)
+        nudge(moe)
+        try:
+            check(moe)
+        except AssertionError as e:
+            raise AssertionError(f"after {name}") from e
     clone = copy.deepcopy(moe)  # the copy binds its own weights
     with torch.no_grad():
         clone.router.weight.mul_(-1.0)
     check(clone)
     check(moe)
-    moe.cfg = dataclasses.replace(moe.cfg, route_scale=3.0, renormalize=False)  # settings: a new (frozen) config
-    check(moe)
-    moe.router.weight.data = torch.randn_like(moe.router.weight) * 3.0  # a bare .data swap: by hand
-    moe.reset_fused()
-    check(moe)
-    assert len(runs) == 10
+    doubled = {name: p * 2 for name, p in moe.named_parameters()}  # functional_call swaps the Parameters in
+    with torch.no_grad():
+        y_swapped, _ = torch.func.functional_call(moe, doubled, (x[None],))
+    ref = copy.deepcopy(moe).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(2)
+    torch.testing.assert_close(y_swapped[0].double(), moe_reference(ref, x.double())[0], atol=4e-5, rtol=1e-4)
+    check(moe)  # and back
+    assert len(runs) == 1 + 2 * len(steps) + 4
+
+
+def test_missing_weights_fail_in_pytorch_not_in_the_kernel() -> None:
+    """A weight set to None (nn.Module allows it) never reaches the kernel as a NULL pointer."""
+    moe = make_moe(32, seed=13, num_experts=8, top_k=2, expert_hidden=16).eval()
+    with pytest.raises(ValueError, match="down is required"):
+        native.bind(moe.router.weight, None, moe.experts.gate_up_proj, None, top_k=2)
+    moe.experts.down_proj = None
+    with torch.no_grad(), pytest.raises(TypeError):
+        moe(torch.randn(1, 1, 32))
 
 
 def test_decoding_a_model_with_and_without_the_kernel_gives_the_same_tokens() -> None:
@@ -361,4 +426,3 @@ def test_native_kernels_can_be_switched_off(monkeypatch) -> None:
     assert build.load("moe_decode") is None
     monkeypatch.setenv("MOELAB_NATIVE", "1")
     assert build.load("moe_decode") is not None
-    assert os.environ["MOELAB_NATIVE"] == "1"

@@ -19,9 +19,10 @@
  * Routing, as moelab.model.moe.Router in eval (token choice, no capacity):
  *   scoring 0 (softmax): select on logits (+ bias); weights = the chosen experts' probabilities,
  *     or with renormalize a softmax over the chosen logits; times route_scale.
- *   scoring 1 (sigmoid): scores = sigmoid(logits); select on scores (+ bias); weights = the chosen
- *     scores, with renormalize divided by their sum (at least 1e-20); times route_scale.
- * Ties choose the lower expert index. Returns 0, or -1 when scratch memory cannot be allocated.
+ *   scoring 1 (sigmoid): scores = sigmoid(logits); select on the logits, or with a bias on scores
+ *     + bias; weights = the chosen scores, with renormalize divided by their sum (at least
+ *     1e-20); times route_scale.
+ * NaN ranks above every number, as in torch.topk; ties choose the lower expert index. Returns 0, or -1 when scratch memory cannot be allocated.
  */
 #include <math.h>
 #include <stdint.h>
@@ -125,7 +126,8 @@ static inline float exp_poly(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    n = n == n ? n : 0.f; /* NaN: p is NaN already; keep the conversion below defined */
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* n >= -126: a normal power of two */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
@@ -166,24 +168,27 @@ typedef struct {
     const float *router, *bias, *gate_up, *down, *sh_gate_up, *sh_down, *sh_gate;
 } moelab_moe_layer;
 
+/* a ranks above b: NaN above every number (torch.topk's order), else the larger */
+static inline int better(float a, float b) { return a != a ? b == b : a > b; }
+
 /* The k experts of one token and their weights, from its router logits [E]. */
 static void route_token(const moelab_moe_layer *L, const float *restrict logits, float *restrict select,
                         int64_t *restrict chosen, float *restrict weight) {
     const int64_t E = L->E, K = L->K;
     const int sigmoid = L->scoring == 1, renormalize = (int)L->renormalize;
     const float route_scale = L->route_scale, *restrict bias = L->bias;
-    for (int64_t e = 0; e < E; e++) {
-        float s = sigmoid ? sigmoidf(logits[e]) : logits[e];
-        select[e] = bias ? s + bias[e] : s;
-    }
+    if (bias)
+        for (int64_t e = 0; e < E; e++) select[e] = (sigmoid ? sigmoidf(logits[e]) : logits[e]) + bias[e];
+    else /* sigmoid is monotone: its top k are the logits' top k, without the ties of saturation */
+        for (int64_t e = 0; e < E; e++) select[e] = logits[e];
     /* top-k in one pass: the k best so far, kept sorted (best first); an expert displaces the
      * last only if strictly better, so among equals the lower index is kept */
     int64_t have = 0;
     for (int64_t e = 0; e < E; e++) {
         const float v = select[e];
-        if (have == K && !(v > select[chosen[K - 1]])) continue;
+        if (have == K && !better(v, select[chosen[K - 1]])) continue;
         int64_t at = have < K ? have++ : K - 1;
-        while (at > 0 && v > select[chosen[at - 1]]) {
+        while (at > 0 && better(v, select[chosen[at - 1]])) {
             chosen[at] = chosen[at - 1];
             at--;
         }

@@ -62,7 +62,10 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 
 def _shape_error(router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D) -> str | None:
-    """What is inconsistent about the shapes, or None."""
+    """What is missing or inconsistent about the shapes, or None."""
+    for name, t in (("router", router_ED), ("gate_up", gate_up_E2ID), ("down", down_EDI)):
+        if t is None:
+            return f"{name} is required (got None)"
     if gate_up_E2ID.dim() != 3 or gate_up_E2ID.shape[1] % 2:
         return f"gate_up must be [E, 2I, D], got {tuple(gate_up_E2ID.shape)}"
     E, two_I, D = gate_up_E2ID.shape

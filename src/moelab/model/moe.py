@@ -98,15 +98,18 @@ class Router(nn.Module):
             plan = plan_expert_choice(token_EC, weight_EC * cfg.route_scale, T)
             slots = plan.tokens_per_expert_E
         else:
-            select_TE = scores_TE
+            # NOTE: without a bias, selection is on the logits: softmax and sigmoid are monotone, so
+            # the order is the scores' order, but saturated scores tie (sigmoid rounds to 1.0 above
+            # a logit of about 17) where the logits do not, and every path (grouped, few-token, the
+            # fused kernel) then picks the same experts.
+            select_TE = logits_TE
             if cfg.bias_update_rate > 0:
                 # NOTE: with softmax the bias goes on the logits (log-probabilities up to a per-token
                 # constant): added to probabilities it would only reorder the many near-zero experts,
                 # which makes the load oscillate. With sigmoid it goes on the scores (DeepSeek-V3).
                 select_TE = (logits_TE if cfg.scoring == "softmax" else scores_TE) + self.expert_bias
-            top_TK, expert_TK = select_TE.topk(cfg.top_k, dim=-1)
-            # Selected on the scores themselves (no bias): the top-k values are the weights, no gather.
-            weight_TK = top_TK if select_TE is scores_TE else scores_TE.gather(1, expert_TK)
+            expert_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+            weight_TK = scores_TE.gather(1, expert_TK)
             if cfg.renormalize:  # renormalise and scale in one multiply
                 weight_TK = weight_TK * (cfg.route_scale / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20))
             elif cfg.route_scale != 1.0:
@@ -152,17 +155,25 @@ class FusedBinding:
     """MoE._fused: the fused decode kernel bound to one layer's weights (None: the layer is not
     eligible), and what it was bound to, so that a forward can tell cheaply whether it still holds.
 
-    links: (container, key, object) for the layer's config (frozen, so its identity is its
+    links: (container, key, object) for the router's config (frozen, so its identity is its
     settings) and every step from the MoE module to each weight the kernel reads
-    (MoE._modules["router"] is the router, router._parameters["weight"] its weight, ...). Any
-    config, module or parameter replaced since binding breaks a link; absent ones link to None."""
+    (MoE._modules["router"] is the router, router._parameters["weight"] its weight, ...); any
+    config, module or parameter replaced since binding breaks a link (absent ones link to None).
+    addresses: (weight, data_ptr) for each weight bound: `.to()` on a submodule, a `.data` swap,
+    `share_memory_()` (which torch.multiprocessing applies to every tensor it sends) or a storage
+    resize move a weight's memory without replacing any object, and the kernel must never read
+    the old, freed memory."""
 
     links: tuple[tuple[dict, str, object], ...]
+    addresses: tuple[tuple[torch.Tensor, int], ...]
     kernel: native.FusedMoEDecode | None
 
     def holds(self) -> bool:
-        for container, key, obj in self.links:  # NOTE: a plain loop; a generator costs twice as much
+        for container, key, obj in self.links:  # NOTE: plain loops; a generator costs twice as much
             if container.get(key) is not obj:
+                return False
+        for tensor, address in self.addresses:
+            if tensor.data_ptr() != address:
                 return False
         return True
 
@@ -281,18 +292,25 @@ class MoE(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer in the fused C kernel (moelab.kernels.moe_decode) when this forward may
         take it, else None. The caller has checked `native` and `fused_decode_context`. Here: at
-        most native_max_tokens fp32 contiguous tokens of width D (the dtype again: the kernel reads
-        this tensor as fp32), large experts only on one thread; at binding, token choice without
-        capacity, the stock Experts, fp32 contiguous CPU weights and a compiled kernel.
+        most native_max_tokens fp32 contiguous CPU tokens of width D (eval mode and the tensor
+        again: a caller's fused_ok is not trusted with memory), large experts only on one thread;
+        at binding, token choice without capacity, the stock Experts, fp32 contiguous CPU weights
+        and a compiled kernel.
 
         NOTE: at decode the PyTorch layer is bound by per-op overhead (about 20 small ops per layer
         against 5 for the dense FFN of the same active width); the kernel does the same arithmetic
         in one call. What runs here on every decode step is measured in percent of the step: after
         the kernel has streamed the expert weights through the caches, every Python object and
-        torch call touched is a cache miss. Hence the kept binding, checked by identity
-        (`FusedBinding.holds`), not by rebuilding it or reading the weights' addresses."""
+        torch call touched is a cache miss. Hence the kept binding, checked by identity and
+        address (`FusedBinding.holds`), not rebuilt."""
         n, D = x.numel(), x.shape[-1]
-        if x.dtype is not torch.float32 or n > self.native_max_tokens * D or not x.is_contiguous():
+        if (
+            self.training
+            or not x.is_cpu
+            or x.dtype is not torch.float32
+            or n > self.native_max_tokens * D
+            or not x.is_contiguous()
+        ):  # the kernel reads x as fp32 [T, D] in CPU memory, whatever a caller's fused_ok said
             return None
         if self.expert_numel > _CPU_GATHER_MAX_NUMEL and torch.get_num_threads() > 1:
             # NOTE: the kernel runs on one thread. Large experts are bandwidth-bound and PyTorch
@@ -313,19 +331,20 @@ class MoE(nn.Module):
 
         NOTE: the weights are read through _modules / _parameters, the links FusedBinding.holds
         walks (an absent shared expert or gate is a plain None attribute, not in _modules)."""
-        cfg = self.cfg
         modules = self._modules
         experts = modules["experts"]
-        links: list[tuple[dict, str, object]] = [(self.__dict__, "cfg", cfg), (modules, "experts", experts)]
-        if type(experts) is not Experts:  # a distributed replacement does its own dispatch
-            return FusedBinding(links=tuple(links), kernel=None)
+        links: list[tuple[dict, str, object]] = [(modules, "experts", experts)]
 
         def link(container: dict, key: str) -> object:
             obj = container.get(key)
             links.append((container, key, obj))
             return obj
 
-        router, shared, shared_gate = link(modules, "router"), link(modules, "shared"), link(modules, "shared_gate")
+        router = link(modules, "router")
+        if type(experts) is not Experts or not isinstance(router, Router):  # a distributed replacement dispatches itself
+            return FusedBinding(links=tuple(links), addresses=(), kernel=None)
+        cfg = link(router.__dict__, "cfg")  # the settings the router routes with
+        shared, shared_gate = link(modules, "shared"), link(modules, "shared_gate")
         weights = [
             link(router._parameters, "weight"),
             link(router._buffers, "expert_bias") if cfg.bias_update_rate > 0 else None,  # as Router.forward selects
@@ -335,30 +354,22 @@ class MoE(nn.Module):
             None if shared is None else link(link(shared._modules, "down_proj")._parameters, "weight"),
             None if shared_gate is None else link(shared_gate._parameters, "weight"),
         ]
+        required = (weights[0], weights[2], weights[3]) + ((weights[4], weights[5]) if shared is not None else ())
+        addresses = tuple((w, w.data_ptr()) for w in weights if w is not None)
         kernel = None
-        if cfg.routing == "token_choice" and cfg.capacity_factor is None and native.available() and native.usable(*weights):
-            # detached aliases: the kernel's addresses stay valid even if a Parameter's .data is swapped later
-            aliases = [None if w is None else w.detach() for w in weights]
-            kernel = native.bind(*aliases, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
-        return FusedBinding(links=tuple(links), kernel=kernel)
-
-    def reset_fused(self) -> None:
-        """Drop the fused kernel's binding (rebuilt on the next decode forward). Needed only after a
-        bare `.data =` swap or `torch.utils.swap_tensors` on a weight by hand, which keeps every
-        object in place: the binding then still reads the old tensors (kept alive, so never freed memory)."""
-        self._fused = None
-
-    def _apply(self, fn, recurse=True):
-        self._fused = None  # .to(), .float(), .share_memory() ... may move the weights the kernel reads
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._fused = None  # load_state_dict(assign=True) replaces the weights
-        return super()._load_from_state_dict(*args, **kwargs)
+        if (
+            cfg.routing == "token_choice"
+            and cfg.capacity_factor is None
+            and all(w is not None for w in required)
+            and native.available()
+            and native.usable(*weights)
+        ):
+            kernel = native.bind(*weights, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
+        return FusedBinding(links=tuple(links), addresses=addresses, kernel=kernel)
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_fused"] = None  # a copy (deepcopy, pickle) binds its own weights
+        state["_fused"] = None  # a copy (deepcopy, pickle) binds its own weights; ctypes objects do not copy
         return state
 
     def _aux_loss(self, routing: Routing) -> torch.Tensor:
