@@ -421,8 +421,12 @@ def test_build_failure_says_why_and_load_falls_back(tmp_path, monkeypatch, caplo
     assert not any((tmp_path / "cache" / "kernels").glob("*.so"))
 
 
-def test_native_kernels_can_be_switched_off(monkeypatch) -> None:
+def test_native_kernels_can_be_switched_off(monkeypatch, caplog) -> None:
     monkeypatch.setenv("MOELAB_NATIVE", "0")
     assert build.load("moe_decode") is None
     monkeypatch.setenv("MOELAB_NATIVE", "1")
     assert build.load("moe_decode") is not None
+    monkeypatch.setenv("MOELAB_NATIVE", "maybe")
+    with caplog.at_level(logging.WARNING, logger="moelab.kernels.build"):
+        assert build.load("moe_decode") is not None
+    assert "MOELAB_NATIVE='maybe' is not one of 0, off" in caplog.text

@@ -96,10 +96,13 @@ def build(name: str, directory: Path | None = None) -> Path:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (logged once per call site's cache) when it is disabled
-    with MOELAB_NATIVE=0 or cannot be built."""
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    """The compiled kernel library, or None when it is switched off (MOELAB_NATIVE=0) or cannot be
+    built (a warning says why)."""
+    switch = os.environ.get(DISABLE_ENV, "1").strip().lower()
+    if switch in ("0", "off", "false", "no"):
         return None
+    if switch not in ("1", "on", "true", "yes", ""):
+        log.warning("%s=%r is not one of 0, off, false, no, 1, on, true, yes: native kernels stay on", DISABLE_ENV, switch)
     try:
         # NOTE: CDLL releases the GIL for the call, as PyTorch's own operators do, so a server's
         # other threads run while a kernel does (PyDLL, holding it, measured no faster).

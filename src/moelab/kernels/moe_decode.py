@@ -87,8 +87,9 @@ def _shape_error(router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, 
 
 
 class FusedMoEDecode:
-    """One MoE layer's weights, checked and bound for the kernel. Holds references to the tensors
-    so their memory stays alive (and their addresses unused by anything else) while bound."""
+    """One MoE layer's weights, checked and bound for the kernel: it holds the tensors and the
+    addresses they had. Whoever keeps a binding must see that the memory has not moved
+    (`share_memory_()`, a `.data` swap) before calling it; moelab.model.moe.FusedBinding does."""
 
     def __init__(self, fn, weights: tuple[torch.Tensor | None, ...], top_k: int, scoring: str, renormalize: bool, route_scale: float):
         router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D = weights
