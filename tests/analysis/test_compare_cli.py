@@ -123,3 +123,55 @@ def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
     branch_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "runs" / "m-cooldown-20").read_metrics() if "loss" in r]
     direct_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "direct").read_metrics() if "loss" in r]
     assert branch_losses == direct_losses
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tune", "lr=abc"], "--tune 'lr=abc'"),
+    (["--tune", "lr="], "--tune 'lr='"),
+    (["--tune", "lr=-1e-3,2e-3"], "--tune 'lr=-1e-3,2e-3'"),
+    (["--seeds", "0"], "--seeds 0"),
+    (["--tune", "--tune-fraction", "0"], "--tune-fraction 0"),
+    (["--tune", "--tune-fraction", "1.5"], "--tune-fraction 1.5"),
+    (["--tune-fraction", "0.5"], "needs --tune"),
+    (["--tune", "decay=0.1,0.2"], "wsd"),
+])
+def test_compare_bad_tuning_and_seeds_write_nothing(tmp_path, capsys, flags, named) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", "tiny", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> None:
+    """An interrupted tuned comparison (a final run never finished) continues: the missing run is
+    trained, every finished one (tuning and final) is reused untouched."""
+    import shutil
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--budget", "tokens=8192", "--evals", "2", "--tune", "lr=2e-3,4e-3",
+            "--tune-fraction", "0.5", "--seeds", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "tuning at 0.5 of the budget" in text and "<- chosen" in text and "2 seeds" in text
+    results = json.loads((out / "compare.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["runs"]) == 4 + 4
+    for arm in ("dense", "tiny"):
+        best = results["tuning"][arm]["best"]["lr"]
+        assert results["models"][arm]["settings"]["lr"] == best
+        losses = {p["settings"]["lr"]: p["val_loss"] for p in results["tuning"][arm]["points"]}
+        assert losses[best] == min(losses.values())
+    assert len(results["models"]["tiny"]["loss_gap_seeds"]) == 2
+    # interrupt: the last final run disappears, as if killed before it started
+    shutil.rmtree(out / "runs" / "tiny-seed1")
+    (out / "compare.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/summary.json")}
+    assert len(stamps) == 7
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing it") == 7 and "run 8 of 8: tiny-seed1" in err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/summary.json") if p in stamps} == stamps
+    again = json.loads((out / "compare.json").read_text())
+    assert again["models"]["tiny"]["loss_gap_seeds"] == results["models"]["tiny"]["loss_gap_seeds"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from moelab.errors import MoelabError
 
+from moelab.analysis.tuning import DEFAULT_FRACTION as TUNE_FRACTION_DEFAULT
+
 
 def _models_from_args(args: argparse.Namespace):
     from moelab.cli import config_overrides
@@ -32,20 +34,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     and report quality against cost: parameters, FLOPs, throughput, memory, validation loss, and the
     compute multiplier (the share of the dense training FLOPs at which the MoE first reached the
     dense model's final loss). The dense twin is derived from the first MoE config (--match active:
-    same FLOPs per token; total: same parameter count) unless --baseline gives one. Interrupted
-    comparisons resume: finished runs are reused. Writes compare.json, PNG plots and report.html."""
+    same FLOPs per token; total: same parameter count) unless --baseline gives one.
+
+    --tune searches each model's own learning rate (and optionally batch size and WSD decay
+    fraction) with short runs before the final runs; --seeds N repeats the final runs over N seeds
+    and reports the loss gap and multiplier with 95% intervals, and a verdict that follows them.
+    plan.json lists every run; interrupted comparisons resume: finished runs are reused. Writes
+    compare.json, PNG plots and report.html."""
     from moelab.analysis.compare import Budget, compare
+    from moelab.analysis.tuning import TuneSpec
     from moelab.analysis.render import compare_text
     from moelab.cli import config_overrides, log_err
     from moelab.config import load_config
 
+    tune = TuneSpec.parse(args.tune, args.tune_fraction) if args.tune is not None else None
+    if args.tune is None and args.tune_fraction != TUNE_FRACTION_DEFAULT:
+        raise MoelabError(f"--tune-fraction {args.tune_fraction} needs --tune")
+    if args.seeds < 1:
+        raise MoelabError(f"--seeds {args.seeds} is not allowed: the number of seeds per model, an integer >= 1")
+    if args.evals < 1:
+        raise MoelabError(f"--evals {args.evals} is not allowed: evaluations per learning curve, an integer >= 1")
     models = _models_from_args(args)
     budget = Budget.parse(args.budget) if args.budget else None
     if args.max_minutes is not None and budget is None:
         budget = Budget("minutes", args.max_minutes)
     baseline = load_config(args.baseline, None, config_overrides(args)) if args.baseline else None
     out = Path(args.out) if args.out else Path("runs") / "compare"
-    results = compare(models, out, budget, args.match, baseline, args.evals, log=log_err, progress=not args.quiet, cooldowns=not args.no_cooldown)
+    results = compare(models, out, budget, args.match, baseline, args.evals, log=log_err, progress=not args.quiet, cooldowns=not args.no_cooldown, tune=tune, seeds=args.seeds)
     print(compare_text(results))
     print(f"\nreport: {out / 'report.html'}  data: {out / 'compare.json'}")
     return 0
@@ -124,6 +139,13 @@ def register(sub, command) -> None:
     p.add_argument("--match", default="active", choices=["active", "total"], help="pair the dense model by FLOPs per token (active) or by total parameters")
     p.add_argument("--budget", help="per model: tokens=N, flops=N or minutes=N (default: the first MoE config's max_steps, as FLOPs)")
     p.add_argument("--evals", type=int, default=12, help="evaluations per learning curve")
+    p.add_argument(
+        "--tune", action="append", nargs="?", const="", metavar="NAME=V1,V2,...",
+        help="tune each model before its final runs: alone, lr over 5 values a factor of 2 apart around each model's own; "
+        "or give a grid, repeatable: lr=1e-3,2e-3,4e-3 batch=16,32 decay=0.1,0.2 (decay needs a wsd schedule)",
+    )
+    p.add_argument("--tune-fraction", type=float, default=TUNE_FRACTION_DEFAULT, help="share of each model's budget one tuning run spends, in (0, 1] (default 0.25)")
+    p.add_argument("--seeds", type=int, default=1, help="final runs per model over seeds base, base+1, ... (initialisation and data order); >= 2 gives 95%% intervals")
     p.add_argument("--no-cooldown", action="store_true", help="with a wsd schedule, skip the cooled-down branches and read the multiplier on the raw evaluation curve")
     p.add_argument("--out", help="output directory (default runs/compare)")
     p.add_argument("--max-minutes", type=float, help="per model wall-time budget (same as --budget minutes=M)")

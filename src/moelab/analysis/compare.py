@@ -19,7 +19,10 @@ from typing import Any, Callable
 
 import torch
 
+from moelab.analysis.campaign import Campaign, PlannedRun
 from moelab.analysis.curves import compute_multiplier
+from moelab.analysis.intervals import Interval, judge_gap, mean_interval, multiplier_interval
+from moelab.analysis.tuning import TuneSpec, choose, grid_points, point_label, with_point
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.model import accounting as acc
@@ -239,7 +242,9 @@ def _run_is_finished(run: Path, cfg: RunConfig) -> bool:
         return False
     saved = rd.load_config()
     saved.model.vocab_size = cfg.model.vocab_size
-    return saved.to_dict() == cfg.to_dict() and summary.get("step") == cfg.train.max_steps
+    # NOTE: a run the monitor stopped (diverged, collapsed) would stop again: it is finished too.
+    done = summary.get("step") == cfg.train.max_steps or summary.get("stopped_by") == "monitor"
+    return saved.to_dict() == cfg.to_dict() and done
 
 
 def train_or_reuse(
@@ -268,6 +273,31 @@ def train_or_reuse(
     return rd.read_summary()
 
 
+def _default_budget(cfg: RunConfig) -> Budget:
+    """The first MoE config's own max_steps, as training FLOPs (so every arm spends the same)."""
+    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
+    return Budget("flops", cfg.train.max_steps * _tokens_per_step(cfg) * acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab))
+
+
+def _planned_flops(cfg: RunConfig) -> float:
+    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
+    return cfg.train.max_steps * _tokens_per_step(cfg) * acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
+
+
+def seed_run_name(arm: str, seed_index: int, seed: int) -> str:
+    """The first seed's run keeps the arm's name, so a comparison rerun with more seeds reuses it."""
+    return arm if seed_index == 0 else f"{arm}-seed{seed}"
+
+
+def with_seed(cfg: RunConfig, seed: int) -> RunConfig:
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed = seed
+    return cfg.validate()
+
+
+TUNE_EVALS = 2  # a tuning run is judged by its final validation loss only
+
+
 def compare(
     moe_cfgs: list[tuple[str, RunConfig]],
     out: Path,
@@ -278,74 +308,207 @@ def compare(
     log: Callable[[str], None] = print,
     progress: bool = True,
     cooldowns: bool = True,
+    tune: TuneSpec | None = None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse) the dense baseline and each MoE variant, then write compare.json, plots and
-    report.html into `out`. Returns the comparison as a dict."""
+    report.html into `out`. Returns the comparison as a dict.
+
+    With `tune`, every arm is first searched over its own grid (learning rate at least) at
+    `tune.fraction` of the budget, and its final runs use its best point. With `seeds` > 1 the final
+    runs repeat over seeds base, base + 1, ... (initialisation and data order; seed i is shared by
+    all arms, so the comparison is paired) and the gap and multiplier get 95% intervals."""
     if not moe_cfgs:
         raise MoelabError("compare needs at least one MoE config")
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise MoelabError(f"--seeds {seeds!r} is not allowed: the number of seeds per model, an integer >= 1")
     out = Path(out)
     first_name, first = moe_cfgs[0]
     dense = baseline if baseline is not None else dense_twin(first, match)
     if dense.model.moe is not None:
         raise MoelabError("the baseline config must be dense (no [model.moe] section)")
     if budget is None:
-        budget = Budget("flops", first.train.max_steps * _tokens_per_step(first) * acc.train_flops_per_token(first.model, first.data.seq_len, first.model.vocab_size or (first.data.vocab_size if first.data.tokenizer == "bpe" else 260)))
-    models = [("dense", dense)] + moe_cfgs
-    for name, cfg in models[1:]:
+        budget = _default_budget(first)
+    arms = [("dense", dense)] + moe_cfgs
+    for name, cfg in arms[1:]:
         if cfg.data != dense.data or cfg.train.seed != dense.train.seed:
             raise MoelabError(f"variant {name} must use the same data and seed as the baseline (set them with --set for all models)")
+    base_seed = dense.train.seed
+    seed_list = [base_seed + i for i in range(seeds)]
+    # Everything that can be refused is refused before the output directory is touched.
+    grids = {name: tune.grid_for(cfg) for name, cfg in arms} if tune is not None else {}
+    tune_budget = Budget(budget.kind, budget.amount * tune.fraction) if tune is not None else None
+    tuning_runs = [
+        (arm, point, f"{arm}-{point_label(point)}", apply_budget(with_point(cfg, point), tune_budget, TUNE_EVALS))
+        for arm, cfg in arms
+        for point in grid_points(grids.get(arm, {}))
+    ] if tune is not None else []
+    planned = [(name, apply_budget(cfg, budget, evals)) for name, cfg in arms]
+    finals = [(name, i, seed_run_name(name, i, s)) for name, _ in planned for i, s in enumerate(seed_list)]
+    campaign = Campaign(
+        [PlannedRun(f"tune/{label}", _planned_flops(cfg)) for _, _, label, cfg in tuning_runs]
+        + [PlannedRun(run, _planned_flops(dict(planned)[arm])) for arm, _, run in finals],
+        log,
+    )
+
     out.mkdir(parents=True, exist_ok=True)
-    planned = [(name, apply_budget(cfg, budget, evals)) for name, cfg in models]
-    write_atomic(out / "plan.json", json.dumps({"budget": budget.__dict__, "match": match, "models": {n: c.to_dict() for n, c in planned}}, indent=1))
-    results: dict[str, Any] = {"budget": budget.__dict__, "budget_text": budget.describe(), "match": match, "models": {}}
-    for name, cfg in planned:
-        run = out / "runs" / name
-        branch_steps = frozenset(start for _, start in cooldown_points(cfg)) if (cooldowns and cfg.train.schedule == "wsd") else frozenset()
-        summary = train_or_reuse(name, cfg, run, log, progress, branch_steps)
-        flops, seconds, losses = eval_curve(run)
-        vocab = summary["params"]
-        results["models"][name] = {
-            "run": str(run),
-            "kind": "dense" if cfg.model.moe is None else "moe",
-            "architecture": describe_architecture(cfg),
-            "total_params": vocab["total"],
-            "active_params": vocab["active"],
-            "train_flops_per_token": summary["train_flops_per_token"],
-            "train_flops": summary["flops"],
-            "tokens": summary["tokens"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "train_s": summary["train_s"],
-            "wall_s": summary["wall_s"],
-            "peak_memory_bytes": summary["peak_memory_bytes"],
-            "val_loss": summary["val_loss"],
-            "val_ppl": summary["val_ppl"],
-            "inference_tokens_per_s": inference_tokens_per_s(run),
-            "curve": {"flops": flops, "train_s": seconds, "val_loss": losses},
-        }
-    base = results["models"]["dense"]
-    for (name, cfg), (_, r) in zip(planned, results["models"].items()):
-        if name == "dense":
+    write_atomic(out / "plan.json", json.dumps({
+        "budget": budget.__dict__,
+        "match": match,
+        "seeds": seed_list,
+        "tune": tune.to_dict() if tune is not None else None,
+        "models": {n: c.to_dict() for n, c in planned},
+        "runs": [
+            {"name": f"tune/{label}", "stage": "tune", "arm": arm, "settings": point, "path": str(out / "runs" / "tune" / label), "config": cfg.to_dict()}
+            for arm, point, label, cfg in tuning_runs
+        ] + [
+            {"name": run, "stage": "final", "arm": arm, "seed": seed_list[i], "path": str(out / "runs" / run),
+             "settings": "the arm's best tuning point" if tune is not None else "the arm's config (untuned)"}
+            for arm, i, run in finals
+        ],
+    }, indent=1))
+
+    results: dict[str, Any] = {
+        "budget": budget.__dict__, "budget_text": budget.describe(), "match": match, "seeds": seed_list,
+        "tuned": tune is not None, "tuning": {}, "caveats": [], "models": {},
+    }
+    chosen: dict[str, dict[str, float]] = {}
+    for arm, cfg in arms:
+        if tune is None:
             continue
-        c = r["curve"]
-        r["compute_multiplier_curve"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], c["flops"], c["val_loss"])
-        r["compute_multiplier"] = r["compute_multiplier_curve"]
-        r["multiplier_method"] = "evaluation curve"
-        if cfg.train.schedule == "wsd" and cooldowns:
-            # NOTE: mid-run points of a WSD run have not decayed their learning rate, so they
-            # understate what a run with that smaller budget reaches. Cooled-down branches measure it.
-            cooled = cooldown_curve(name, cfg, Path(r["run"]), out / "runs", log, progress)
-            r["cooldown_curve"] = {"flops": [f for f, _ in cooled], "val_loss": [v for _, v in cooled]}
-            r["compute_multiplier"] = compute_multiplier(base["curve"]["flops"], base["curve"]["val_loss"], r["cooldown_curve"]["flops"], r["cooldown_curve"]["val_loss"])
-            r["multiplier_method"] = "cooldown branches"
-        r["loss_gap"] = r["val_loss"] - base["val_loss"]
+        points = []
+        for a, point, label, tcfg in tuning_runs:
+            if a != arm:
+                continue
+            summary = _campaign_run(campaign, f"tune/{label}", tcfg, out / "runs" / "tune" / label, log, progress)
+            finished = summary.get("stopped_by") == "max_steps" and math.isfinite(summary.get("val_loss", math.nan))
+            points.append((point, summary["val_loss"] if finished else math.inf))
+        choice = choose(arm, points, grids[arm])
+        chosen[arm] = choice.best
+        results["tuning"][arm] = {
+            "grid": {k: list(v) for k, v in grids[arm].items()},
+            "points": [{"settings": p, "val_loss": (loss if math.isfinite(loss) else None)} for p, loss in points],
+            "best": choice.best,
+            "best_val_loss": choice.best_loss,
+            "fraction": tune.fraction,
+            "budget_text": tune_budget.describe(),
+            "warnings": list(choice.warnings),
+        }
+        results["caveats"] += list(choice.warnings)
+    if tune is None:
+        settings = f"lr {dense.train.lr:g}, batch {dense.train.batch_size}, schedule {dense.train.schedule}"
+        results["caveats"].append(
+            f"Untuned: every model trained with the same settings ({settings}); a comparison is only as good as its "
+            "worse-tuned arm, and a better-tuned dense model can flip this verdict. Rerun with --tune."
+        )
+    if seeds == 1:
+        results["caveats"].append("One seed: no interval on the gap or the multiplier; differences of a few hundredths of a nat can be seed noise. Rerun with --seeds 3 or more.")
+
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    originals = dict(arms)
+    for name, cfg in planned:
+        final_cfg = apply_budget(with_point(originals[name], chosen[name]), budget, evals) if name in chosen else cfg
+        per_seed[name] = []
+        for i, seed in enumerate(seed_list):
+            run_cfg = with_seed(final_cfg, seed)
+            run_name = seed_run_name(name, i, seed)
+            run = out / "runs" / run_name
+            wsd_branches = cooldowns and run_cfg.train.schedule == "wsd" and run_cfg.model.moe is not None
+            branch_steps = frozenset(start for _, start in cooldown_points(run_cfg)) if wsd_branches else frozenset()
+            summary = _campaign_run(campaign, run_name, run_cfg, run, log, progress, branch_steps)
+            flops, seconds, losses = eval_curve(run)
+            entry = {"seed": seed, "run": str(run), "summary": summary, "curve": {"flops": flops, "train_s": seconds, "val_loss": losses}}
+            if wsd_branches:
+                # NOTE: mid-run points of a WSD run have not decayed their learning rate, so they
+                # understate what a run with that smaller budget reaches. Cooled-down branches measure it.
+                cooled = cooldown_curve(run_name, run_cfg, run, out / "runs", log, progress)
+                entry["cooldown_curve"] = {"flops": [f for f, _ in cooled], "val_loss": [v for _, v in cooled]}
+            per_seed[name].append(entry)
+        results["models"][name] = _model_entry(name, final_cfg, per_seed[name], chosen.get(name))
+
+    base_seeds = per_seed["dense"]
+    for name, _ in planned[1:]:
+        r = results["models"][name]
+        gaps, mults = [], []
+        for d, m in zip(base_seeds, per_seed[name]):
+            gaps.append(m["summary"]["val_loss"] - d["summary"]["val_loss"])
+            curve = m.get("cooldown_curve", m["curve"])
+            mults.append(compute_multiplier(d["curve"]["flops"], d["curve"]["val_loss"], curve["flops"], curve["val_loss"]))
+        gap, mult = mean_interval(gaps), multiplier_interval(mults)
+        c, b = r["curve"], results["models"]["dense"]["curve"]
+        r["compute_multiplier_curve"] = compute_multiplier(b["flops"], b["val_loss"], c["flops"], c["val_loss"])
+        r["multiplier_method"] = "cooldown branches" if "cooldown_curve" in per_seed[name][0] else "evaluation curve"
+        r["compute_multiplier"] = mult.mean if math.isfinite(mult.mean) else None
+        r["compute_multiplier_seeds"] = mults
+        r["compute_multiplier_interval"] = mult.to_dict()
+        r["loss_gap"] = gap.mean
+        r["loss_gap_seeds"] = gaps
+        r["loss_gap_interval"] = gap.to_dict()
+        r["verdict"] = judge_gap(gap)
     results["verdicts"] = verdicts(results)
     write_atomic(out / "compare.json", json.dumps(results, indent=1))
-    from moelab.analysis.plots import compare_plots
+    from moelab.analysis.plots import compare_plots, tuning_plot
     from moelab.analysis.render import render_compare
 
     plots = compare_plots(results, out)
+    if results["tuning"]:
+        plots.append(tuning_plot(results["tuning"], out))
     (out / "report.html").write_text(render_compare(results, plots))
     return results
+
+
+def _campaign_run(campaign: Campaign, name: str, cfg: RunConfig, run: Path, log, progress: bool, checkpoint_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
+    campaign.start(name)
+    trained = not _run_is_finished(run, cfg)
+    summary = train_or_reuse(name, cfg, run, log, progress, checkpoint_steps)
+    campaign.finish(name, trained)
+    return summary
+
+
+def _model_entry(name: str, cfg: RunConfig, seed_runs: list[dict[str, Any]], tuned: dict[str, float] | None) -> dict[str, Any]:
+    """One arm of the comparison: costs from its first seed's run, losses averaged over seeds."""
+    first = seed_runs[0]
+    summary = first["summary"]
+    losses = [s["summary"]["val_loss"] for s in seed_runs]
+    mean_loss = math.fsum(losses) / len(losses)
+    curves = [s["curve"] for s in seed_runs]
+    # Every seed evaluates at the same steps, so the curves average point by point.
+    length = min(len(c["val_loss"]) for c in curves)
+    mean_curve = {
+        "flops": curves[0]["flops"][:length],
+        "train_s": curves[0]["train_s"][:length],
+        "val_loss": [math.fsum(c["val_loss"][i] for c in curves) / len(curves) for i in range(length)],
+    }
+    entry = {
+        "run": first["run"],
+        "runs": [s["run"] for s in seed_runs],
+        "kind": "dense" if cfg.model.moe is None else "moe",
+        "architecture": describe_architecture(cfg),
+        "settings": {"lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "schedule": cfg.train.schedule, "decay_fraction": cfg.train.decay_fraction},
+        "tuned_settings": tuned,
+        "total_params": summary["params"]["total"],
+        "active_params": summary["params"]["active"],
+        "train_flops_per_token": summary["train_flops_per_token"],
+        "train_flops": summary["flops"],
+        "tokens": summary["tokens"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "train_s": summary["train_s"],
+        "wall_s": summary["wall_s"],
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "val_loss": mean_loss,
+        "val_loss_seeds": losses,
+        "val_ppl": math.exp(min(mean_loss, 50.0)),
+        "inference_tokens_per_s": inference_tokens_per_s(Path(first["run"])),
+        "curve": mean_curve,
+        "seed_curves": curves,
+    }
+    if "cooldown_curve" in first:
+        cooled = [s["cooldown_curve"] for s in seed_runs]
+        entry["cooldown_curve"] = {
+            "flops": cooled[0]["flops"],
+            "val_loss": [math.fsum(c["val_loss"][i] for c in cooled) / len(cooled) for i in range(len(cooled[0]["val_loss"]))],
+        }
+    return entry
 
 
 def describe_architecture(cfg: RunConfig) -> str:
@@ -363,27 +526,53 @@ def describe_architecture(cfg: RunConfig) -> str:
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """One plain sentence per MoE variant, and whether it is good or bad news."""
+    """One plain sentence per MoE variant, following the interval of its final-loss gap when there
+    are several seeds, and whether it is good or bad news."""
     base = results["models"]["dense"]
     out = {}
     for name, r in results["models"].items():
         if name == "dense":
             continue
+        gap = Interval(**r["loss_gap_interval"]) if "loss_gap_interval" in r else Interval(r["loss_gap"], None, None, 1)
+        mult_iv = Interval(**r["compute_multiplier_interval"]) if "compute_multiplier_interval" in r else None
         mult = r["compute_multiplier"]
-        if mult is None:
-            text = (
-                f"{name} did NOT reach the dense model's final validation loss ({base['val_loss']:.4f}) within the same budget: "
-                f"it ended at {r['val_loss']:.4f} ({r['loss_gap']:+.4f}). At this budget, sparsity did not pay off."
-            )
+        verdict = judge_gap(gap)
+        if verdict == "single":
+            out[name] = _single_seed_verdict(name, r, base, mult)
+            continue
+        n = gap.n
+        gap_text = f"{gap.mean:+.4f} nats (95% interval [{gap.lo:+.4f}, {gap.hi:+.4f}], paired over {n} seeds)"
+        mult_text = "" if mult_iv is None else f"compute multiplier {mult_iv.text('{:.2f}')}"
+        if verdict == "wins":
+            text = (f"{name} WINS: its final validation loss is below the dense model's by {gap_text}; "
+                    f"{mult_text}: it reached the dense model's final loss with {mult:.0%} of the dense training FLOPs.")
+            kind = "good"
+        elif verdict == "loses":
+            text = (f"{name} LOSES to the dense model: its final validation loss is above the dense model's by {gap_text}. "
+                    f"At this budget, sparsity did not pay off.")
             kind = "bad"
-        elif mult <= 1.0:
-            text = (
-                f"{name} reached the dense model's final validation loss ({base['val_loss']:.4f}) with {mult:.0%} of the dense "
-                f"training FLOPs (compute multiplier {mult:.2f}) and ended {abs(r['loss_gap']):.4f} nats lower."
-            )
-            kind = "good" if mult <= 0.9 else "warn"
         else:
-            text = f"{name} needed {mult:.2f}x the dense training FLOPs to match the dense model: sparsity did not pay off."
-            kind = "bad"
+            text = (f"This budget cannot tell {name} and the dense model apart: the final-loss gap (MoE - dense) is {gap_text}, "
+                    f"an interval that contains 0. More seeds or a larger budget are needed for a verdict.")
+            kind = "warn"
         out[name] = {"text": text, "kind": kind}
     return out
+
+
+def _single_seed_verdict(name: str, r: dict[str, Any], base: dict[str, Any], mult: float | None) -> dict[str, str]:
+    if mult is None:
+        text = (
+            f"{name} did NOT reach the dense model's final validation loss ({base['val_loss']:.4f}) within the same budget: "
+            f"it ended at {r['val_loss']:.4f} ({r['loss_gap']:+.4f}). At this budget, sparsity did not pay off."
+        )
+        kind = "bad"
+    elif mult <= 1.0:
+        text = (
+            f"{name} reached the dense model's final validation loss ({base['val_loss']:.4f}) with {mult:.0%} of the dense "
+            f"training FLOPs (compute multiplier {mult:.2f}) and ended {abs(r['loss_gap']):.4f} nats lower."
+        )
+        kind = "good" if mult <= 0.9 else "warn"
+    else:
+        text = f"{name} needed {mult:.2f}x the dense training FLOPs to match the dense model: sparsity did not pay off."
+        kind = "bad"
+    return {"text": text + " (one seed: no interval)", "kind": kind}

@@ -50,6 +50,29 @@ def compare_plots(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     return plots
 
 
+def tuning_plot(tuning: dict[str, Any], out: Path) -> tuple[Path, str]:
+    """Each arm's final tuning loss against its learning rate (one line per value of the other
+    tuned settings); the chosen point circled."""
+    fig, ax = new_figure()
+    for i, (arm, t) in enumerate(tuning.items()):
+        color = COLORS[i % len(COLORS)]
+        others = sorted({tuple((k, v) for k, v in p["settings"].items() if k != "lr") for p in t["points"]})
+        for j, other in enumerate(others):
+            pts = sorted((p["settings"]["lr"], p["val_loss"]) for p in t["points"]
+                         if tuple((k, v) for k, v in p["settings"].items() if k != "lr") == other and p["val_loss"] is not None)
+            suffix = (" (" + ", ".join(f"{k} {v:g}" for k, v in other) + ")") if other else ""
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4, ls=["-", "--", ":", "-."][j % 4], color=color, label=f"{arm}{suffix}")
+        ax.scatter([t["best"]["lr"]], [t["best_val_loss"]], s=140, facecolors="none", edgecolors=color, linewidths=1.5, zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss of the tuning run")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    first = next(iter(tuning.values()))
+    caption = f"Tuning: final validation loss against learning rate at {first['fraction']:g} of the budget ({first['budget_text']}); circled: each arm's choice"
+    return save(fig, out / "tuning.png"), caption
+
+
 def _zoom(ax, ys: Sequence[float]) -> None:
     """Keep the interesting part of a learning curve: drop the first evaluation's spike."""
     if len(ys) >= 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +15,61 @@ def _mult(value: float | None) -> str:
 
 
 COMPARE_HEADERS = [
-    "model", "architecture", "total params", "active params", "train FLOPs/token", "train tok/s", "wall time",
+    "model", "architecture", "lr", "total params", "active params", "train FLOPs/token", "train tok/s", "wall time",
     "peak memory", "val loss", "val ppl", "infer tok/s (batch 1)", "compute multiplier",
 ]
+
+
+def _loss_cell(r: dict[str, Any]) -> str:
+    losses = r.get("val_loss_seeds") or [r["val_loss"]]
+    if len(losses) < 2:
+        return f"{r['val_loss']:.4f}"
+    return f"{r['val_loss']:.4f} (sd {statistics.stdev(losses):.4f}, {len(losses)} seeds)"
+
+
+def _mult_cell(r: dict[str, Any]) -> str:
+    text = _mult(r.get("compute_multiplier"))
+    iv = r.get("compute_multiplier_interval")
+    if iv and iv["lo"] is not None:
+        text += f" [{iv['lo']:.2f}, " + ("not reached" if iv["hi"] is None else f"{iv['hi']:.2f}") + "]"
+    if r.get("multiplier_method") == "cooldown branches":
+        text += " (cooldowns)"
+    return text
 
 
 def compare_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, r in results["models"].items():
+        lr = r.get("settings", {}).get("lr")
         rows.append([
             name,
             r["architecture"],
+            "-" if lr is None else f"{lr:g}" + (" (tuned)" if r.get("tuned_settings") else ""),
             format_count(r["total_params"]),
             format_count(r["active_params"]),
             format_count(r["train_flops_per_token"]),
             format_count(r["tokens_per_s"]),
             format_duration(r["wall_s"]),
             f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
-            f"{r['val_loss']:.4f}",
+            _loss_cell(r),
             f"{r['val_ppl']:.2f}",
             f"{r['inference_tokens_per_s']:.0f}",
-            "baseline" if name == "dense" else _mult(r.get("compute_multiplier")) + (" (cooldowns)" if r.get("multiplier_method") == "cooldown branches" else ""),
+            "baseline" if name == "dense" else _mult_cell(r),
         ])
+    return rows
+
+
+TUNING_HEADERS = ["model", "settings", "final val loss", ""]
+
+
+def tuning_rows(tuning: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for arm, t in tuning.items():
+        for p in t["points"]:
+            chosen = p["settings"] == t["best"]
+            settings = ", ".join(f"{k} {v:g}" for k, v in p["settings"].items())
+            loss = "diverged" if p["val_loss"] is None else f"{p['val_loss']:.4f}"
+            rows.append([arm, settings, loss, "<- chosen" if chosen else ""])
     return rows
 
 
@@ -45,36 +79,54 @@ def text_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _setup_line(results: dict[str, Any]) -> str:
+    seeds = results.get("seeds", [0])
+    pairing = "active compute" if results["match"] == "active" else "total parameters"
+    tuned = "each model tuned on its own grid" if results.get("tuned") else "untuned (shared settings)"
+    return f"budget: {results['budget_text']}, pairing: matched {pairing}, {tuned}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+
+
 def compare_text(results: dict[str, Any]) -> str:
-    lines = [f"budget: {results['budget_text']}, pairing: matched {'active compute' if results['match'] == 'active' else 'total parameters'}", ""]
+    lines = [_setup_line(results), ""]
+    if results.get("tuning"):
+        first = next(iter(results["tuning"].values()))
+        lines += [f"tuning at {first['fraction']:g} of the budget ({first['budget_text']}):", text_table(TUNING_HEADERS, tuning_rows(results["tuning"])), ""]
     lines.append(text_table(COMPARE_HEADERS, compare_rows(results)))
     lines.append("")
     lines += [v["text"] for v in results["verdicts"].values()]
+    lines += [f"NOTE: {c}" for c in results.get("caveats", [])]
     return "\n".join(lines)
 
 
 def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
     pairing = "matched active compute (same FLOPs per token)" if results["match"] == "active" else "matched total parameters"
     verdict_html = "".join(report.verdict(v["text"], v["kind"]) for v in results["verdicts"].values())
+    verdict_html += "".join(report.verdict(c, "warn") for c in results.get("caveats", []))
     notes = report.paragraph(
         "Compute multiplier: the fraction of the dense model's training FLOPs at which the MoE first reached the dense "
         "model's final validation loss, interpolated between evaluations. Below 1, the MoE buys the dense quality for "
-        "less compute; 'not reached' means it never got there within its budget. With a warmup-stable-decay schedule "
+        "less compute; 'not reached' means it never got there within its budget. With several seeds, seed i of every "
+        "model shares its initialisation seed and data order, so the comparison is paired: the final-loss gap gets a 95% "
+        "Student-t interval over the per-seed gaps, the multiplier the same on the log scale (its value is the geometric "
+        "mean over seeds), and the verdict follows the gap's interval. Losses in the table are means over seeds. "
+        "With a warmup-stable-decay schedule "
         "the mid-run evaluations are taken before the learning rate decays, so they understate what a shorter run "
         "reaches: the MoE is then also cooled down from its stable phase at 50%, 62.5%, 75% and 87.5% of the budget "
-        "(branches that decay over their last 20%, exactly as a run with that budget would) and the multiplier is read "
-        "on those cooled-down losses ('cooldowns'); the evaluation-curve value is kept in compare.json. All models saw "
-        "the same data in the same order with the same seed."
+        "(branches that decay over the schedule's decay fraction, exactly as a run with that budget would) and the "
+        "multiplier is read on those cooled-down losses ('cooldowns'); the evaluation-curve value is kept in compare.json."
     )
-    return report.page(
-        "moelab compare: dense vs sparse",
-        f"budget {results['budget_text']}; pairing: {pairing}",
-        [
-            ("", verdict_html),
-            ("Models", report.table(COMPARE_HEADERS, compare_rows(results)) + notes),
-            ("Learning curves", report.figures(plots)),
-        ],
-    )
+    sections = [("", verdict_html)]
+    if results.get("tuning"):
+        first = next(iter(results["tuning"].values()))
+        sections.append(("Tuning", report.paragraph(
+            f"Every model was trained at each point of its own grid with {first['fraction']:g} of the budget "
+            f"({first['budget_text']}, a complete shorter run of its schedule, seed {results['seeds'][0]}); its final runs use "
+            "the point with the lowest final validation loss.") + report.table(TUNING_HEADERS, tuning_rows(results["tuning"]))))
+    sections += [
+        ("Models", report.table(COMPARE_HEADERS, compare_rows(results)) + notes),
+        ("Learning curves and tuning", report.figures(plots)),
+    ]
+    return report.page("moelab compare: dense vs sparse", _setup_line(results) + f"; {pairing}", sections)
 
 
 SWEEP_HEADERS = ["point", "E", "G (=k)", "I", "total params", "val loss", "train tok/s", "infer tok/s", "peak memory", "Pareto-optimal for"]
