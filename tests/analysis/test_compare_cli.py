@@ -82,13 +82,26 @@ def test_sweep_end_to_end(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_forecast_ladder_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "fc"
-    code = main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,6144", "--target-params", "1e9", "--target-tokens", "2e10", "--bootstrap", "5", "--out", str(out), "--quiet"])
+    code = main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--target-params", "1e9", "--target-tokens", "2e10", "--bootstrap", "5", "--out", str(out), "--quiet"])
     assert code == 0
     text = capsys.readouterr().out
     assert "predicted to" in text and "WARNING: extrapolation" in text
     data = json.loads((out / "forecast.json").read_text())
-    assert len(data["points"]) == 8
+    assert len(data["points"]) == 12
     assert data["forecast"]["trend"] in ("grows", "shrinks", "flips", "holds")
+    # the backtest: fitted without the largest rung, against what that rung's two runs measured
+    bt = data["backtest"]
+    assert bt["rung"] == "w64-t6.14e+03" and bt["fitted_runs"] == 10
+    measured = {p["label"].split("-")[0]: p["loss"] for p in data["points"] if p["label"].endswith("w64-t6.14e+03")}
+    assert bt["measured"] == {"dense": measured["dense"], "moe": measured["moe"], "advantage": measured["dense"] - measured["moe"]}
+    for key in ("dense", "moe"):
+        assert bt["error_percent"][key] == pytest.approx(100 * (bt["predicted"][key] - measured[key]) / measured[key])
+    assert "backtest: the law refitted without rung w64-t6.14e+03 (10 runs)" in text
+    assert "Backtest" in (out / "report.html").read_text()
+    # a named rung reuses every run and backtests on it
+    assert main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--holdout", "w32-t4096",
+                 "--bootstrap", "5", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "forecast.json").read_text())["backtest"]["rung"] == "w32-t4.1e+03"
 
 
 def test_compare_bad_input(capsys, tmp_path) -> None:
@@ -175,3 +188,18 @@ def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> No
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/summary.json") if p in stamps} == stamps
     again = json.loads((out / "compare.json").read_text())
     assert again["models"]["tiny"]["loss_gap_seeds"] == results["models"]["tiny"]["loss_gap_seeds"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--holdout", "w48-t2048"], "--holdout 'w48-t2048' is not a rung of the ladder"),
+    (["--holdout", "w32-t999"], "is not a rung of the ladder: one of w32-t2.05e+03"),
+    (["--holdout", "largest-ish"], "is not a rung"),
+    (["--tokens", "2048,4096", "--holdout", "w32-t2048"], "at least 5 rungs"),
+])
+def test_forecast_bad_holdout_writes_nothing(tmp_path, capsys, flags, named) -> None:
+    out = tmp_path / "fc"
+    argv = ["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--out", str(out)]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+    assert not out.exists()

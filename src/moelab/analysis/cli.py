@@ -103,11 +103,13 @@ def _parse_floats(text: str, flag: str) -> list[float]:
 def cmd_forecast(args: argparse.Namespace) -> int:
     """Train a ladder of small dense and MoE runs (the base MoE config at several widths and token
     budgets, each with its dense twin), fit the scaling law
-    L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0)) + B D^-beta with bootstrap uncertainty, and
+    L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0) + h ln(D/D0)) + B D^-beta with bootstrap uncertainty, and
     predict dense and MoE loss at --target-params / --target-tokens. Says whether the MoE advantage
-    is predicted to grow, shrink or flip, and why; warns when the target is far outside the ladder
-    or the fit is poor. Finished ladder runs are reused."""
-    from moelab.analysis.forecast import forecast_report, run_ladder
+    is predicted to grow, shrink or flip, and why; warns when the target is far outside the ladder,
+    the fit is poor, or the ladder's own advantage shrinks with training tokens. Backtests itself:
+    the law is refitted without one rung (--holdout, the largest by default) and its prediction for
+    that rung is printed beside what the rung measured. Finished ladder runs are reused."""
+    from moelab.analysis.forecast import forecast_report, parse_holdout, run_ladder
     from moelab.analysis.sweep import parse_int_list
     from moelab.analysis.render import forecast_text
     from moelab.cli import log_err, resolve_config
@@ -119,10 +121,11 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     tokens = _parse_floats(args.tokens, "--tokens")
     if args.target_params <= 0 or args.target_tokens <= 0:
         raise MoelabError("--target-params and --target-tokens must be > 0")
+    holdout = parse_holdout(args.holdout, widths, tokens)
     out = Path(args.out) if args.out else Path("runs") / "forecast"
     points = run_ladder(base, widths, tokens, out, log=log_err, progress=not args.quiet)
     try:
-        data = forecast_report(points, args.target_params, args.target_tokens, base.model.moe.num_experts, args.bootstrap, out)
+        data = forecast_report(points, args.target_params, args.target_tokens, base.model.moe.num_experts, args.bootstrap, out, holdout)
     except ValueError as exc:
         raise MoelabError(f"cannot fit the ladder: {exc}") from None
     print(forecast_text(data))
@@ -168,5 +171,6 @@ def register(sub, command) -> None:
     p.add_argument("--target-params", type=float, default=1e8, help="active non-embedding parameters to forecast")
     p.add_argument("--target-tokens", type=float, default=2e9, help="training tokens to forecast")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for the uncertainty")
+    p.add_argument("--holdout", default="largest", help="the rung to backtest on: largest (default), none, or wWIDTH-tTOKENS, e.g. w128-t2e6")
     p.add_argument("--out", help="output directory (default runs/forecast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

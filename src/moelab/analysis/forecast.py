@@ -4,13 +4,14 @@ trained (or reused), fitted with moelab.analysis.scaling, and extrapolated to a 
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 from moelab.analysis.compare import Budget, apply_budget, dense_twin, train_or_reuse
-from moelab.analysis.scaling import Point, bootstrap, fit_law, forecast
+from moelab.analysis.scaling import Point, backtest, bootstrap, fit_law, forecast
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.rundir import write_atomic
@@ -53,6 +54,34 @@ def ladder_configs(base: RunConfig, widths: list[int], tokens: list[float], eval
     return runs
 
 
+def rung_name(width: int, tokens: float) -> str:
+    return f"w{width}-t{tokens:.3g}"
+
+
+def parse_holdout(text: str, widths: list[int], tokens: list[float]) -> tuple[int, float] | None:
+    """The rung --holdout names: 'largest' (the widest model at the most tokens, the default),
+    'none', or 'wWIDTH-tTOKENS' (e.g. w128-t2e6) of the ladder. Checked before anything trains."""
+    text = text.strip().lower()
+    if text == "none":
+        return None
+    rungs = len(widths) * len(tokens)
+    if text == "largest":
+        width, count = max(widths), max(tokens)
+    else:
+        width_text, sep, tokens_text = text.partition("-t")
+        try:
+            width, count = int(width_text.removeprefix("w")), float(tokens_text)
+        except ValueError:
+            width, count = -1, math.nan
+        known = [rung_name(w, t) for w in widths for t in tokens]
+        if not (sep and width_text.startswith("w")) or width not in widths or not any(math.isclose(count, t, rel_tol=1e-6) for t in tokens):
+            raise MoelabError(f"--holdout {text!r} is not a rung of the ladder: one of {', '.join(known)}, 'largest' or 'none'")
+        count = next(t for t in tokens if math.isclose(count, t, rel_tol=1e-6))
+    if rungs < 5 and text != "largest":
+        raise MoelabError(f"--holdout {text!r} needs a ladder of at least 5 rungs (widths x tokens) to fit without it; this one has {rungs}")
+    return width, count
+
+
 def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Path, log: Callable[[str], None] = print, progress: bool = True) -> list[Point]:
     points = []
     for label, cfg in ladder_configs(base, widths, tokens):
@@ -69,7 +98,27 @@ def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Pat
     return points
 
 
-def forecast_report(points: list[Point], target_params: float, target_tokens: float, experts: float, samples: int, out: Path) -> dict[str, Any]:
+def ladder_backtest(points: list[Point], holdout: tuple[int, float] | None, samples: int) -> dict[str, Any] | None:
+    """Fit the ladder without its held-out rung and compare the prediction with the rung's runs;
+    {"skipped": why} when the rest cannot be fitted."""
+    if holdout is None:
+        return None
+    rung = rung_name(*holdout)
+    held = {p.label.split("-", 1)[0]: p for p in points if p.label.endswith("-" + rung)}
+    rest = [p for p in points if not p.label.endswith("-" + rung)]
+    if set(held) != {"dense", "moe"}:
+        return {"skipped": f"the ladder has no dense and MoE run at rung {rung}"}
+    try:
+        result = backtest(rest, held["dense"], held["moe"], rung, samples=samples)
+    except ValueError as exc:
+        return {"skipped": f"the ladder without rung {rung} cannot be fitted ({exc}); add widths or token budgets"}
+    return result.to_dict()
+
+
+def forecast_report(
+    points: list[Point], target_params: float, target_tokens: float, experts: float, samples: int, out: Path,
+    holdout: tuple[int, float] | None = None,
+) -> dict[str, Any]:
     fit = bootstrap(points, fit_law(points), samples=samples)
     result = forecast(fit, points, target_params, target_tokens, experts)
     data = {
@@ -80,6 +129,7 @@ def forecast_report(points: list[Point], target_params: float, target_tokens: fl
         "rmse_log": fit.rmse_log,
         "bootstrap_fits": len(fit.bootstrap),
         "forecast": result.to_dict(),
+        "backtest": ladder_backtest(points, holdout, samples),
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

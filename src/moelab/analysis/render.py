@@ -171,48 +171,89 @@ def render_sweep(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
     )
 
 
+LAW_TEXT = "L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0) + h ln(D/D0)) + B D^-beta"
+LAW_CONSTANTS = ("c", "a", "alpha", "b", "g", "h", "B", "beta")
+
+
+def backtest_rows(bt: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, label in (("dense", "dense"), ("moe", "MoE"), ("advantage", "advantage (dense - MoE)")):
+        lo, hi = bt["interval"][key]
+        fmt = "{:+.4f}" if key == "advantage" else "{:.4f}"
+        error = f"{bt['error_percent'][key]:+.1f}%" if key in bt["error_percent"] else f"{bt['predicted'][key] - bt['measured'][key]:+.4f} nats"
+        rows.append([label, fmt.format(bt["predicted"][key]), f"[{fmt.format(lo)}, {fmt.format(hi)}]", fmt.format(bt["measured"][key]), error,
+                     "yes" if bt["covered"][key] else "NO"])
+    return rows
+
+
+BACKTEST_HEADERS = ["model", "predicted", "95% interval", "measured", "error", "covered"]
+
+
 def forecast_text(data: dict[str, Any]) -> str:
     f = data["forecast"]
     law = data["law"]
     spread = data["spread_95"]
-    lines = ["fitted law: L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0)) + B D^-beta", ""]
-    for name in ("c", "a", "alpha", "b", "g", "B", "beta"):
+    level = f.get("level", 0.9)
+    lines = [f"fitted law: {LAW_TEXT}", ""]
+    for name in LAW_CONSTANTS:
         lo, hi = spread.get(name, (float("nan"), float("nan")))
-        lines.append(f"  {name:6s} {law[name]:10.4g}   95% bootstrap interval [{lo:.4g}, {hi:.4g}]")
-    lines.append(f"  N0     {law['n0']:10.4g}   R^2 {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, {len(data['points'])} runs, {data['bootstrap_fits']} bootstrap fits")
+        lines.append(f"  {name:6s} {law.get(name, 0.0):10.4g}   95% bootstrap interval [{lo:.4g}, {hi:.4g}]")
+    lines.append(f"  N0     {law['n0']:10.4g}   D0 {law.get('d0', 1.0):.4g}; R^2 {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, {len(data['points'])} runs, {data['bootstrap_fits']} bootstrap fits")
     lines += [
         "",
-        f"forecast at N = {f['N']:.3g} active parameters, D = {f['D']:.3g} tokens, E = {f['E']:g} experts:",
-        f"  dense  {f['dense']:.4f}  (90% [{f['dense_ci'][0]:.4f}, {f['dense_ci'][1]:.4f}])",
-        f"  MoE    {f['moe']:.4f}  (90% [{f['moe_ci'][0]:.4f}, {f['moe_ci'][1]:.4f}])",
-        f"  MoE advantage {f['advantage']:+.4f} nats (90% [{f['advantage_ci'][0]:+.4f}, {f['advantage_ci'][1]:+.4f}])",
-        "",
-        f"The MoE advantage is predicted to {f['trend'].upper()}: {f['why']}.",
+        f"forecast at N = {f['N']:.3g} active parameters, D = {f['D']:.3g} tokens, E = {f['E']:g} experts ({level:.0%} prediction intervals):",
+        f"  dense  {f['dense']:.4f}  [{f['dense_ci'][0]:.4f}, {f['dense_ci'][1]:.4f}]",
+        f"  MoE    {f['moe']:.4f}  [{f['moe_ci'][0]:.4f}, {f['moe_ci'][1]:.4f}]",
+        f"  MoE advantage {f['advantage']:+.4f} nats [{f['advantage_ci'][0]:+.4f}, {f['advantage_ci'][1]:+.4f}]",
     ]
+    bt = data.get("backtest")
+    if bt and "skipped" in bt:
+        lines += ["", f"backtest skipped: {bt['skipped']}"]
+    elif bt:
+        lines += ["", f"backtest: the law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs) against what that rung measured:",
+                  text_table(BACKTEST_HEADERS, backtest_rows(bt))]
+    lines += ["", f"The MoE advantage is predicted to {f['trend'].upper()}: {f['why']}."]
     lines += [f"WARNING: {w}" for w in f["warnings"]]
+    if bt and "covered" in bt and not all(bt["covered"].values()):
+        lines.append(f"WARNING: the backtest's intervals missed what rung {bt['rung']} measured: treat the forecast above with at least that much doubt")
     return "\n".join(lines)
 
 
 def render_forecast(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
     f = data["forecast"]
+    level = f.get("level", 0.9)
     kind = {"grows": "good", "holds": "good", "shrinks": "warn", "flips": "bad"}[f["trend"]]
     warnings = "".join(report.verdict("Warning: " + w, "warn") for w in f["warnings"])
     law = data["law"]
-    rows = [[n, f"{law[n]:.4g}", *(f"{v:.4g}" for v in data["spread_95"].get(n, (float('nan'), float('nan'))))] for n in ("c", "a", "alpha", "b", "g", "B", "beta")]
+    rows = [[n, f"{law.get(n, 0.0):.4g}", *(f"{v:.4g}" for v in data["spread_95"].get(n, (float('nan'), float('nan'))))] for n in LAW_CONSTANTS]
     runs = [[p["label"], f"{p['N']:.3g}", f"{p['D']:.3g}", f"{p['E']:g}", f"{p['loss']:.4f}"] for p in data["points"]]
+    bt = data.get("backtest")
+    if bt and "skipped" in bt:
+        backtest_html = report.paragraph("Skipped: " + bt["skipped"])
+    elif bt:
+        missed = not all(bt["covered"].values())
+        backtest_html = report.paragraph(
+            f"The law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs), its prediction for that rung against what "
+            f"the rung's runs measured. Read the forecast's error from this: the target lies much further from the ladder.") + report.table(BACKTEST_HEADERS, backtest_rows(bt))
+        if missed:
+            backtest_html = report.verdict(f"The backtest's intervals missed what rung {bt['rung']} measured.", "bad") + backtest_html
+    else:
+        backtest_html = report.paragraph("No backtest (--holdout none).")
     return report.page(
         "moelab forecast: will the MoE advantage survive a larger budget?",
         f"target: {f['N']:.3g} active parameters, {f['D']:.3g} tokens, {f['E']:g} experts",
         [
             ("", report.verdict(f"The MoE advantage is predicted to {f['trend']}: {f['why']}.", kind) + warnings),
-            ("Forecast", report.table(["model", "loss", "90% low", "90% high"], [
+            ("Forecast", report.table(["model", "loss", f"{level:.0%} low", f"{level:.0%} high"], [
                 ["dense", f"{f['dense']:.4f}", f"{f['dense_ci'][0]:.4f}", f"{f['dense_ci'][1]:.4f}"],
                 ["MoE", f"{f['moe']:.4f}", f"{f['moe_ci'][0]:.4f}", f"{f['moe_ci'][1]:.4f}"],
                 ["advantage (dense - MoE)", f"{f['advantage']:+.4f}", f"{f['advantage_ci'][0]:+.4f}", f"{f['advantage_ci'][1]:+.4f}"],
-            ])),
-            ("Fitted law", report.paragraph("L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0)) + B D^-beta, fitted on log loss; intervals from refits on resampled runs.")
+            ]) + report.paragraph("Prediction intervals: every bootstrap refit's prediction times the residual scatter of the fit "
+                                  "(corrected for the number of fitted constants), so they say what a run at the target could measure.")),
+            ("Backtest", backtest_html),
+            ("Fitted law", report.paragraph(f"{LAW_TEXT}, fitted on log loss; intervals from refits on resampled runs.")
              + report.table(["constant", "value", "95% low", "95% high"], rows)
-             + report.paragraph(f"R^2 = {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, N0 = {law['n0']:.4g}.")),
+             + report.paragraph(f"R^2 = {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, N0 = {law['n0']:.4g}, D0 = {law.get('d0', 1.0):.4g}.")),
             ("Fit and ladder", report.figures(plots)),
             ("Ladder runs", report.table(["run", "active params N", "tokens D", "experts E", "final val loss"], runs)),
         ],
