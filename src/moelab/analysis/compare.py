@@ -273,15 +273,15 @@ def train_or_reuse(
     return rd.read_summary()
 
 
-def _default_budget(cfg: RunConfig) -> Budget:
-    """The first MoE config's own max_steps, as training FLOPs (so every arm spends the same)."""
-    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
-    return Budget("flops", cfg.train.max_steps * _tokens_per_step(cfg) * acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab))
-
-
-def _planned_flops(cfg: RunConfig) -> float:
+def planned_flops(cfg: RunConfig) -> float:
+    """Training FLOPs of a run of `cfg` to its max_steps."""
     vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
     return cfg.train.max_steps * _tokens_per_step(cfg) * acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
+
+
+def default_budget(cfg: RunConfig) -> Budget:
+    """The config's own max_steps, as training FLOPs (so every model of a study spends the same)."""
+    return Budget("flops", planned_flops(cfg))
 
 
 def seed_run_name(arm: str, seed_index: int, seed: int) -> str:
@@ -328,7 +328,7 @@ def compare(
     if dense.model.moe is not None:
         raise MoelabError("the baseline config must be dense (no [model.moe] section)")
     if budget is None:
-        budget = _default_budget(first)
+        budget = default_budget(first)
     arms = [("dense", dense)] + moe_cfgs
     for name, cfg in arms[1:]:
         if cfg.data != dense.data or cfg.train.seed != dense.train.seed:
@@ -346,8 +346,8 @@ def compare(
     planned = [(name, apply_budget(cfg, budget, evals)) for name, cfg in arms]
     finals = [(name, i, seed_run_name(name, i, s)) for name, _ in planned for i, s in enumerate(seed_list)]
     campaign = Campaign(
-        [PlannedRun(f"tune/{label}", _planned_flops(cfg)) for _, _, label, cfg in tuning_runs]
-        + [PlannedRun(run, _planned_flops(dict(planned)[arm])) for arm, _, run in finals],
+        [PlannedRun(f"tune/{label}", planned_flops(cfg)) for _, _, label, cfg in tuning_runs]
+        + [PlannedRun(run, planned_flops(dict(planned)[arm])) for arm, _, run in finals],
         log,
     )
 
@@ -380,7 +380,7 @@ def compare(
         for a, point, label, tcfg in tuning_runs:
             if a != arm:
                 continue
-            summary = _campaign_run(campaign, f"tune/{label}", tcfg, out / "runs" / "tune" / label, log, progress)
+            summary = campaign_run(campaign, f"tune/{label}", tcfg, out / "runs" / "tune" / label, log, progress)
             finished = summary.get("stopped_by") == "max_steps" and math.isfinite(summary.get("val_loss", math.nan))
             points.append((point, summary["val_loss"] if finished else math.inf))
         choice = choose(arm, points, grids[arm])
@@ -415,7 +415,7 @@ def compare(
             run = out / "runs" / run_name
             wsd_branches = cooldowns and run_cfg.train.schedule == "wsd" and run_cfg.model.moe is not None
             branch_steps = frozenset(start for _, start in cooldown_points(run_cfg)) if wsd_branches else frozenset()
-            summary = _campaign_run(campaign, run_name, run_cfg, run, log, progress, branch_steps)
+            summary = campaign_run(campaign, run_name, run_cfg, run, log, progress, branch_steps)
             flops, seconds, losses = eval_curve(run)
             entry = {"seed": seed, "run": str(run), "summary": summary, "curve": {"flops": flops, "train_s": seconds, "val_loss": losses}}
             if wsd_branches:
@@ -457,7 +457,8 @@ def compare(
     return results
 
 
-def _campaign_run(campaign: Campaign, name: str, cfg: RunConfig, run: Path, log, progress: bool, checkpoint_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
+def campaign_run(campaign: Campaign, name: str, cfg: RunConfig, run: Path, log, progress: bool, checkpoint_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """train_or_reuse, counted in the study's progress (run i of n, ETA)."""
     campaign.start(name)
     trained = not _run_is_finished(run, cfg)
     summary = train_or_reuse(name, cfg, run, log, progress, checkpoint_steps)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from moelab.analysis.compare import Budget, apply_budget, dense_twin, train_or_reuse
+from moelab.analysis.campaign import Campaign, PlannedRun
+from moelab.analysis.compare import Budget, apply_budget, campaign_run, dense_twin, planned_flops
 from moelab.analysis.scaling import Point, backtest, bootstrap, fit_law, forecast
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
@@ -84,8 +85,10 @@ def parse_holdout(text: str, widths: list[int], tokens: list[float]) -> tuple[in
 
 def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Path, log: Callable[[str], None] = print, progress: bool = True) -> list[Point]:
     points = []
-    for label, cfg in ladder_configs(base, widths, tokens):
-        summary = train_or_reuse(label, cfg, Path(out) / "runs" / label, log, progress)
+    configs = ladder_configs(base, widths, tokens)
+    campaign = Campaign([PlannedRun(label, planned_flops(cfg)) for label, cfg in configs], log)
+    for label, cfg in configs:
+        summary = campaign_run(campaign, label, cfg, Path(out) / "runs" / label, log, progress)
         vocab = summary["params"]
         moe = cfg.model.moe
         points.append(Point(

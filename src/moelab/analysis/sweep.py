@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from moelab.analysis.compare import Budget, _tokens_per_step, apply_budget, describe_architecture, inference_tokens_per_s, train_or_reuse
+from moelab.analysis.campaign import Campaign, PlannedRun
+from moelab.analysis.compare import Budget, apply_budget, campaign_run, default_budget, describe_architecture, inference_tokens_per_s, planned_flops
 from moelab.analysis.curves import pareto_front
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
-from moelab.model import accounting as acc
 from moelab.rundir import write_atomic
 
 COSTS = [
@@ -78,15 +78,15 @@ def sweep(
 ) -> dict[str, Any]:
     points, skipped = sweep_points(base, experts, granularities)
     if budget is None:
-        vocab = base.model.vocab_size or (base.data.vocab_size if base.data.tokenizer == "bpe" else 260)
-        budget = Budget("flops", base.train.max_steps * _tokens_per_step(base) * acc.train_flops_per_token(base.model, base.data.seq_len, vocab))
+        budget = default_budget(base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, cfg in points:
-        planned = apply_budget(cfg, budget, evals)
+    planned_points = [(label, apply_budget(cfg, budget, evals)) for label, cfg in points]
+    campaign = Campaign([PlannedRun(label, planned_flops(cfg)) for label, cfg in planned_points], log)
+    for label, planned in planned_points:
         run = out / "runs" / label
-        summary = train_or_reuse(label, planned, run, log, progress)
+        summary = campaign_run(campaign, label, planned, run, log, progress)
         moe = planned.model.moe
         rows.append({
             "label": label,
