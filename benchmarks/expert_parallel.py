@@ -37,7 +37,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moelab.config import MoEConfig  # noqa: E402
-from moelab.distributed.expert_parallel import CommMeter, expert_parallel_modules, shard_experts  # noqa: E402
+from moelab.distributed.expert_parallel import (  # noqa: E402
+    CommMeter,
+    expert_parallel_modules,
+    shard_experts,
+)
 from moelab.model.moe import MoE  # noqa: E402
 
 CONFIGS = {

@@ -47,12 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moelab.analysis.compare import dense_twin  # noqa: E402
 from moelab.config import load_config  # noqa: E402
-from moelab.errors import ConfigError  # noqa: E402
 from moelab.data.tokenizer import TextTokenizer, train_bpe  # noqa: E402
+from moelab.errors import ConfigError  # noqa: E402
 from moelab.infer.engine import Chunk, Engine, EngineConfig, Failed, Request  # noqa: E402
 from moelab.infer.sampling import SamplingParams  # noqa: E402
-from moelab.model import KVCache, Transformer  # noqa: E402
-from moelab.model import accounting  # noqa: E402
+from moelab.model import (  # noqa: E402
+    KVCache,
+    Transformer,
+    accounting,  # noqa: E402
+)
 from moelab.model.mlp import SwiGLU  # noqa: E402
 
 PARAMS = SamplingParams(temperature=0.8, top_p=0.95)
@@ -319,7 +322,12 @@ def main() -> None:
     for name, model in models.items():
         config = EngineConfig(max_batch=max_batch, max_queue=4 * max_batch)
         if args.http:
-            from moelab.infer.server import BackgroundServer, Servable, ServerSettings, create_app
+            from moelab.infer.server import (
+                BackgroundServer,
+                Servable,
+                ServerSettings,
+                create_app,
+            )
 
             app = create_app(lambda m=model: Servable(m, tokenizer), ServerSettings(model_name=name, engine=config))
             servers[name] = BackgroundServer(app).start()

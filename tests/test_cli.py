@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from moelab.cli import main
 
 TINY = ["--preset", "tiny", "--quiet"]

@@ -9,7 +9,6 @@ import torch
 
 from moelab.config import ModelConfig, MoEConfig, load_config
 from moelab.model import KVCache, Transformer
-from moelab.model.moe import MoE
 from tests.model.test_moe import fresh_tokens, make_moe
 from tests.reference import moe_reference
 

@@ -7,31 +7,30 @@
     metrics.jsonl    one JSON object per logging interval or evaluation
     alerts.jsonl     router-health and guardrail alerts
     summary.json     final numbers, written when training ends
-    checkpoints/     step_NNNNNNN/ (see moelab.train.checkpoint)
+    checkpoints/     step_NNNNNNN/ (see moelab.checkpoint)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moelab.config import RunConfig, build_config, read_toml
-from moelab.data.tokenizer import TextTokenizer
-from moelab.errors import CheckpointError, MoelabError
-from moelab.model import Transformer
-from moelab.train.checkpoint import (
+from moelab.checkpoint import (
     MODEL_FILE,
     describe_fallback,
     list_checkpoints,
     load_weights,
     verify_checkpoint,
 )
+from moelab.config import RunConfig, build_config, read_toml
+from moelab.data.tokenizer import TextTokenizer
+from moelab.errors import CheckpointError, MoelabError
+from moelab.files import read_jsonl, write_atomic
+from moelab.model import Transformer
 
 
 class RunDir:
@@ -80,28 +79,6 @@ class RunDir:
         if not self.summary_path.is_file():
             return None
         return json.loads(self.summary_path.read_text())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file by rename, so readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).is_file():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-    return rows
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[RunDir, Path]:

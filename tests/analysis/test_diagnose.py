@@ -8,12 +8,17 @@ import math
 
 import pytest
 
-from moelab.analysis.diagnose import diagnose, diagnose_text, split_metrics, write_report
+from moelab.analysis.diagnose import (
+    diagnose,
+    diagnose_text,
+    split_metrics,
+    write_report,
+)
 from moelab.cli import main
 from moelab.config import load_config
 from moelab.errors import MoelabError
+from moelab.model.health import collapse_score, effective_experts, entropy, load_metrics
 from moelab.rundir import RunDir
-from moelab.train.monitor import collapse_score, effective_experts, entropy, load_metrics
 
 E, K = 4, 2  # the tiny preset's experts
 BALANCED = [0.26, 0.25, 0.25, 0.24]

@@ -10,7 +10,12 @@ import pytest
 
 from moelab.analysis.compare import verdicts
 from moelab.analysis.curves import compute_multiplier
-from moelab.analysis.intervals import Interval, judge_gap, mean_interval, multiplier_interval
+from moelab.analysis.intervals import (
+    Interval,
+    judge_gap,
+    mean_interval,
+    multiplier_interval,
+)
 
 
 def coverage(hits: list[bool]) -> float:

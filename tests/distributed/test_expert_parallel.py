@@ -12,14 +12,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moelab.config import DataConfig, MoEConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from moelab.config import (
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
 from moelab.distributed import data_parallel as dp
-from moelab.distributed.expert_parallel import all_to_all, expert_parallel_param_names, gather_rows, shard_experts
+from moelab.distributed.expert_parallel import (
+    all_to_all,
+    expert_parallel_param_names,
+    gather_rows,
+    shard_experts,
+)
 from moelab.distributed.layout import make_layout
 from moelab.distributed.runtime import Distributed
 from moelab.model import Transformer
+from moelab.model.health import router_health
 from moelab.model.moe import MoE
-from moelab.train.monitor import router_health
 from tests.distributed.harness import run_workers
 
 TOL = 1e-5

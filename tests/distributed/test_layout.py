@@ -9,8 +9,15 @@ import torch
 
 from moelab.config import load_config
 from moelab.data.loader import BatchLoader
-from moelab.distributed.checkpoint import global_loader_state, rank_loader_state, shard_optimizer_state
-from moelab.distributed.expert_parallel import expert_parallel_param_names, shard_experts
+from moelab.distributed.checkpoint import (
+    global_loader_state,
+    rank_loader_state,
+    shard_optimizer_state,
+)
+from moelab.distributed.expert_parallel import (
+    expert_parallel_param_names,
+    shard_experts,
+)
 from moelab.distributed.layout import Layout, check_layout, make_layout
 from moelab.errors import ConfigError, MoelabError
 from moelab.model import Transformer

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from moelab.cli import main
 from moelab.config import load_config
+from moelab.infer.generate import training_sample
 from moelab.rundir import RunDir
 from moelab.train.trainer import Trainer
 from tests.distributed.harness import run_workers, torchrun
@@ -100,7 +101,7 @@ def _resume_on_two(rank: int, world: int, run: str, checkpoint: str, fresh_out: 
     trainer.fit()
     # the same world size, data parallel only (every rank holds every expert), with a sample
     dp_cfg = load_config(preset="tiny", overrides=SETTINGS + ["train.sample_tokens=4"])
-    dp = Trainer(dp_cfg, fresh_out, log=lambda s: None, progress=False).fit()
+    dp = Trainer(dp_cfg, fresh_out, log=lambda s: None, progress=False, sampler=training_sample).fit()
     return {"sample": dp.sample, "val_loss": dp.val_loss}
 
 

@@ -8,7 +8,16 @@ import threading
 
 import pytest
 
-from moelab.infer.engine import Chunk, Engine, EngineConfig, Failed, Finished, QueueFull, Request, choice_seed
+from moelab.infer.engine import (
+    Chunk,
+    Engine,
+    EngineConfig,
+    Failed,
+    Finished,
+    QueueFull,
+    Request,
+    choice_seed,
+)
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingParams
 from tests.infer.helpers import StepGate, wait_for

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.infer.sampling import SamplingParams, filter_logits, sample_next, sample_rows, seeded_generator
+from moelab.infer.sampling import (
+    SamplingParams,
+    filter_logits,
+    sample_next,
+    sample_rows,
+    seeded_generator,
+)
 
 
 def reference_keep(logits_V: torch.Tensor, params: SamplingParams) -> set[int]:

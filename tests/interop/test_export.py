@@ -17,7 +17,13 @@ from moelab.infer.chat import render_chat
 from moelab.interop.export import export_hf
 from moelab.interop.importer import import_hf, load_hf_checkpoint
 from moelab.rundir import load_model
-from tests.interop.conftest import LOGIT_TOL, greedy, hf_greedy, transformers_warnings, write_moelab_run
+from tests.interop.conftest import (
+    LOGIT_TOL,
+    greedy,
+    hf_greedy,
+    transformers_warnings,
+    write_moelab_run,
+)
 
 BASE = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "rope_theta": 5000.0}
 MOE = {"num_experts": 4, "top_k": 2, "expert_hidden": 16}
@@ -186,8 +192,8 @@ def test_selection_bias_is_exported_only_while_unused(tmp_path) -> None:
     run, _ = write_moelab_run(tmp_path / "zero", settings)
     assert export_hf(run, tmp_path / "hf").architecture == "mixtral"  # all biases still zero
 
+    from moelab.checkpoint import model_state
     from moelab.interop.export import plan_export
-    from moelab.train.checkpoint import model_state
 
     loaded = load_model(run)
     loaded.model.blocks[1].ffn.router.expert_bias[0] = 0.5

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
+from moelab.checkpoint import model_state
 from moelab.config import build_config
 from moelab.interop import keymap
 from moelab.interop.architectures import ARCHITECTURES, DEFAULTS, MIXTRAL_MOE
 from moelab.interop.export import export_hf, plan_export
 from moelab.model import Transformer
-from moelab.train.checkpoint import model_state
 from tests.interop.conftest import LOGIT_TOL, perturb_, write_moelab_run
 from tests.interop.test_export import BASE, CASES
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab.checkpoint import list_checkpoints
 from moelab.cli import main
 from moelab.config import load_config
 from moelab.errors import MoelabError
 from moelab.interop.upcycle import upcycle
 from moelab.rundir import RunDir, load_model
-from moelab.train.checkpoint import list_checkpoints
 from moelab.train.trainer import Trainer
 
 DENSE = [

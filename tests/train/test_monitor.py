@@ -14,11 +14,18 @@ import statistics
 import pytest
 import torch
 
-from moelab.config import MoEConfig, ModelConfig, MonitorConfig, build_config, load_config
+from moelab.checkpoint import list_checkpoints
+from moelab.config import (
+    ModelConfig,
+    MoEConfig,
+    MonitorConfig,
+    build_config,
+    load_config,
+)
 from moelab.errors import ConfigError
+from moelab.files import read_jsonl
 from moelab.model import Transformer
-from moelab.rundir import RunDir, read_jsonl
-from moelab.train.checkpoint import list_checkpoints
+from moelab.rundir import RunDir
 from moelab.train.monitor import (
     Monitor,
     collapse_score,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from moelab.checkpoint import list_checkpoints
 from moelab.config import load_config
 from moelab.errors import CheckpointError
 from moelab.rundir import RunDir
-from moelab.train.checkpoint import list_checkpoints
 from moelab.train.trainer import Trainer
 
 

@@ -21,12 +21,24 @@ import torch
 
 from moelab.analysis.campaign import Campaign, PlannedRun
 from moelab.analysis.curves import compute_multiplier
-from moelab.analysis.intervals import Interval, judge_gap, mean_interval, multiplier_interval
-from moelab.analysis.tuning import TuneSpec, choose, grid_points, point_label, with_point
+from moelab.analysis.intervals import (
+    Interval,
+    judge_gap,
+    mean_interval,
+    multiplier_interval,
+)
+from moelab.analysis.tuning import (
+    TuneSpec,
+    choose,
+    grid_points,
+    point_label,
+    with_point,
+)
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
+from moelab.files import write_atomic
 from moelab.model import accounting as acc
-from moelab.rundir import RunDir, load_model, write_atomic
+from moelab.rundir import RunDir, load_model
 
 DEFAULT_EVALS = 12  # evaluation points per learning curve
 
@@ -91,9 +103,9 @@ def _tokens_per_step(cfg: RunConfig) -> int:
 
 def measure_train_speed(cfg: RunConfig, steps: int = 3) -> float:
     """Training tokens per second of a config on random tokens (for a minutes budget)."""
+    from moelab.device import resolve_device
     from moelab.model import Transformer
     from moelab.train.schedule import build_optimizer
-    from moelab.train.trainer import resolve_device
 
     device = resolve_device(cfg.train.device)
     mcfg = copy.deepcopy(cfg.model)

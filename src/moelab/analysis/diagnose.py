@@ -23,8 +23,10 @@ from typing import Any
 
 from moelab.config import MonitorConfig
 from moelab.errors import MoelabError
-from moelab.rundir import RunDir, read_jsonl
-from moelab.train.monitor import Monitor, collapse_score, effective_experts, router_layers
+from moelab.files import read_jsonl
+from moelab.model.health import collapse_score, effective_experts, router_layers
+from moelab.rundir import RunDir
+from moelab.train.monitor import Monitor
 
 STATUS_ORDER = ("healthy", "degraded", "collapsed")
 LAYER_RULES = ("collapse", "dead_experts", "logit_growth")

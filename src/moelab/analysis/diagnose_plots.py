@@ -150,7 +150,7 @@ def balance_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     ax_imb.set_ylabel("max / mean load")
     if not _per_layer(ax_eff, d, "effective_experts"):
         # Older runs: compute from the shares.
-        from moelab.train.monitor import effective_experts
+        from moelab.model.health import effective_experts
 
         for i, ld in enumerate(d.layers):
             steps, shares = layer_series(d.train, ld.layer, "share")

@@ -4,18 +4,24 @@ trained (or reused), fitted with moelab.analysis.scaling, and extrapolated to a 
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 from moelab.analysis.campaign import Campaign, PlannedRun
-from moelab.analysis.compare import Budget, apply_budget, campaign_run, dense_twin, planned_flops
+from moelab.analysis.compare import (
+    Budget,
+    apply_budget,
+    campaign_run,
+    dense_twin,
+    planned_flops,
+)
 from moelab.analysis.scaling import Point, backtest, bootstrap, fit_law, forecast
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
-from moelab.rundir import write_atomic
+from moelab.files import write_atomic
 
 
 def _scaled(value: int, factor: float, multiple: int = 8) -> int:

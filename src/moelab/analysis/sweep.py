@@ -15,11 +15,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moelab.analysis.campaign import Campaign, PlannedRun
-from moelab.analysis.compare import Budget, apply_budget, campaign_run, default_budget, describe_architecture, inference_tokens_per_s, planned_flops
+from moelab.analysis.compare import (
+    Budget,
+    apply_budget,
+    campaign_run,
+    default_budget,
+    describe_architecture,
+    inference_tokens_per_s,
+    planned_flops,
+)
 from moelab.analysis.curves import pareto_front
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
-from moelab.rundir import write_atomic
+from moelab.files import write_atomic
 
 COSTS = [
     ("total_params", "total parameters", False),

@@ -21,7 +21,12 @@ import numpy as np
 
 from moelab.config import DataConfig
 from moelab.data.corpus import Corpus, Document, load_corpus
-from moelab.data.tokenizer import HF_TOKENIZER_CONFIG, TextTokenizer, bytes_tokenizer, train_bpe
+from moelab.data.tokenizer import (
+    HF_TOKENIZER_CONFIG,
+    TextTokenizer,
+    bytes_tokenizer,
+    train_bpe,
+)
 from moelab.errors import MoelabError
 
 FORMAT_VERSION = 1

@@ -31,10 +31,20 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from moelab.distributed.expert_parallel import expert_parallel_modules, expert_parallel_param_names, gather_rows
+from moelab.checkpoint import (
+    MODEL_FILE,
+    TRAINER_FILE,
+    model_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from moelab.distributed.expert_parallel import (
+    expert_parallel_modules,
+    expert_parallel_param_names,
+    gather_rows,
+)
 from moelab.distributed.layout import Layout
 from moelab.errors import CheckpointError, MoelabError
-from moelab.train.checkpoint import MODEL_FILE, TRAINER_FILE, model_state, save_checkpoint, verify_checkpoint
 
 RANK_KEYS = ("loader", "torch_rng", "python_rng", "cuda_rng")
 

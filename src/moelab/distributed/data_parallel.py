@@ -30,7 +30,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moelab.distributed.expert_parallel import expert_parallel_modules, expert_parallel_param_names
+from moelab.distributed.expert_parallel import (
+    expert_parallel_modules,
+    expert_parallel_param_names,
+)
 from moelab.model.moe import _STAT_NAMES, MoE
 
 _FORWARDS = _STAT_NAMES.index("forwards")

@@ -28,7 +28,7 @@ from moelab.distributed import data_parallel as dp
 from moelab.distributed.expert_parallel import gather_rows, shard_experts
 from moelab.distributed.layout import Layout, check_layout, make_layout
 from moelab.errors import MoelabError
-from moelab.train.monitor import router_health
+from moelab.model.health import router_health
 
 
 def _env_int(name: str, default: int) -> int:
@@ -208,7 +208,7 @@ class Distributed:
 
     def _gathered_layer(self, model: nn.Module, layer: int) -> SimpleNamespace | None:
         """On rank 0, a stand-in for `model` with layer `layer`'s full experts (and gradients), in
-        the shape moelab.train.monitor.router_health reads; one layer at a time bounds the memory."""
+        the shape moelab.model.health.router_health reads; one layer at a time bounds the memory."""
         moe = model.blocks[layer].ffn
         experts = moe.experts
         full = {}

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from moelab.data.tokenizer import TextTokenizer
-from moelab.infer.sampling import SEED_MODULUS, SamplingParams, draw_uniform, sample_rows, seeded_generator
+from moelab.infer.sampling import (
+    SEED_MODULUS,
+    SamplingParams,
+    draw_uniform,
+    sample_rows,
+    seeded_generator,
+)
 from moelab.infer.textstream import TextStream
 from moelab.model import KVCache, Transformer
 

@@ -70,3 +70,8 @@ def _decode_loop(model, tokenizer, ids, max_new_tokens, params, generator, on_te
         position += 1
     emit(decoder.flush())
     return "".join(pieces)
+
+
+def training_sample(model: Transformer, tokenizer: TextTokenizer, tokens: int, seed: int) -> str:
+    """The short sample `moelab train` prints at the end of a run (the Trainer's `sampler`)."""
+    return generate(model, tokenizer, "def ", tokens, SamplingParams(temperature=0.8, top_p=0.95), seed=seed)

@@ -35,7 +35,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from moelab.data.tokenizer import TextTokenizer
 from moelab.infer import protocol as wire
 from moelab.infer.chat import ChatEncoder
-from moelab.infer.engine import Chunk, Engine, EngineClosed, EngineConfig, EngineStats, Event, Failed, Finished, QueueFull
+from moelab.infer.engine import (
+    Chunk,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    QueueFull,
+)
 from moelab.infer.engine import Request as EngineRequest
 from moelab.infer.metrics import CONTENT_TYPE, ServerMetrics
 from moelab.infer.protocol import APIError, ChatBody, CompletionBody, bad_request
@@ -65,8 +75,8 @@ class Servable:
 
 def load_servable(path: str | Path, device: str = "auto") -> Servable:
     """The newest checkpoint of a run directory, or one checkpoint directory."""
+    from moelab.device import resolve_device
     from moelab.rundir import load_model
-    from moelab.train.trainer import resolve_device
 
     loaded = load_model(path, resolve_device(device))
     return Servable(loaded.model, loaded.tokenizer, int(loaded.checkpoint.stat().st_mtime))

@@ -20,15 +20,29 @@ from typing import Any
 
 import torch
 
+from moelab.checkpoint import model_state
 from moelab.config import ModelConfig
-from moelab.data.tokenizer import EOS, HF_TOKENIZER_CONFIG, IM_END, IM_START, PAD, TextTokenizer
+from moelab.data.tokenizer import (
+    EOS,
+    HF_TOKENIZER_CONFIG,
+    IM_END,
+    IM_START,
+    PAD,
+    TextTokenizer,
+)
 from moelab.errors import MoelabError
 from moelab.infer.chat import CHAT_TEMPLATE
 from moelab.interop import keymap
-from moelab.interop.architectures import MOELAB_ONLY, Architecture, candidates, get_architecture, unexportable, with_moe
+from moelab.interop.architectures import (
+    MOELAB_ONLY,
+    Architecture,
+    candidates,
+    get_architecture,
+    unexportable,
+    with_moe,
+)
 from moelab.interop.weights import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 from moelab.rundir import load_model
-from moelab.train.checkpoint import model_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tokenizer files an imported run keeps from its Hugging Face directory and exports again.

@@ -26,7 +26,12 @@ from moelab.config import DataConfig, ModelConfig, RunConfig
 from moelab.data.tokenizer import HF_TOKENIZER_CONFIG, TextTokenizer, special_tokens_in
 from moelab.errors import MoelabError
 from moelab.interop import keymap
-from moelab.interop.architectures import IGNORED_SUFFIXES, MOELAB_ONLY, Architecture, read_hf_config
+from moelab.interop.architectures import (
+    IGNORED_SUFFIXES,
+    MOELAB_ONLY,
+    Architecture,
+    read_hf_config,
+)
 from moelab.interop.export import HF_TOKENIZER_FILES, moelab_shapes
 from moelab.interop.runs import check_new_run_dir, write_fresh_run
 from moelab.interop.weights import WeightFiles

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
+from moelab.checkpoint import save_checkpoint
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
-from moelab.rundir import RunDir, write_atomic
-from moelab.train.checkpoint import save_checkpoint
+from moelab.files import write_atomic
+from moelab.rundir import RunDir
 from moelab.train.trainer import fresh_start_state
 
 

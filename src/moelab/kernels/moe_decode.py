@@ -18,6 +18,7 @@ import torch
 
 from moelab.kernels import build
 
+
 class LayerArgs(ctypes.Structure):
     """Mirror of `moelab_moe_layer` in moe_decode.c."""
 

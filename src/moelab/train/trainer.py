@@ -7,8 +7,6 @@ import json
 import math
 import platform
 import random
-import resource
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,21 +17,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moelab.checkpoint import (
+    describe_fallback,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from moelab.config import RunConfig
 from moelab.data.loader import BatchLoader, eval_batches
 from moelab.data.shards import TokenData, prepare_data
+from moelab.data.tokenizer import TextTokenizer
+from moelab.device import peak_memory_bytes, resolve_device
 from moelab.distributed import Distributed
 from moelab.distributed import wanted as distributed_wanted
 from moelab.errors import CheckpointError, MoelabError
-from moelab.infer.generate import generate
-from moelab.infer.sampling import SamplingParams
+from moelab.files import read_jsonl, write_atomic
 from moelab.model import Transformer
 from moelab.model.accounting import param_counts, train_flops_per_token
-from moelab.rundir import RunDir, read_jsonl, write_atomic
-from moelab.train.checkpoint import describe_fallback, list_checkpoints, load_checkpoint, save_checkpoint
-from moelab.train.monitor import Alert, Monitor, router_health
+from moelab.model.health import router_health
+from moelab.rundir import RunDir
+from moelab.train.monitor import Alert, Monitor
 from moelab.train.progress import ProgressBar, format_count, format_duration
 from moelab.train.schedule import build_optimizer, learning_rate, set_learning_rate
+
+# (model, tokenizer, tokens, seed) -> a short text sample drawn at the end of a run
+Sampler = Callable[[Transformer, TextTokenizer, int, int], str]
 
 
 @dataclass
@@ -62,26 +70,11 @@ def fresh_start_state(source: str) -> dict[str, Any]:
     return {"fresh_start": True, "step": 0, "source": source}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MoelabError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless bfloat16 is asked for."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if name == "bfloat16" else None
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss_kb * (1 if sys.platform == "darwin" else 1024))
 
 
 class Trainer:
@@ -96,9 +89,13 @@ class Trainer:
         progress: bool = True,
         step_hook: Callable[["Trainer", int], None] | None = None,
         checkpoint_steps: frozenset[int] = frozenset(),
+        sampler: Sampler | None = None,
     ):
         self.cfg = cfg
         self.run = RunDir(out)
+        # NOTE: the end-of-run sample is drawn by a function the caller gives (the CLI gives
+        # moelab.infer.generate.training_sample), so training does not depend on inference.
+        self.sampler = sampler
         # Extra checkpoints kept whatever keep_checkpoints says (compare's cooldown branches start there).
         self.checkpoint_steps = frozenset(checkpoint_steps)
         # (distributed) under torchrun: check the layout, join the process group; rank 0 alone logs,
@@ -532,8 +529,8 @@ class Trainer:
         sample = ""
         # (distributed) rank 0 samples when it holds every expert; under expert parallelism a forward
         # needs every rank, so no sample (use `moelab generate` on the checkpoint).
-        if cfg.sample_tokens and (self.parallel is None or (self.is_main and self.parallel.full_model_here)):
-            sample = generate(self.model, self.data.tokenizer, "def ", cfg.sample_tokens, SamplingParams(temperature=0.8, top_p=0.95), seed=cfg.seed)
+        if cfg.sample_tokens and self.sampler is not None and (self.parallel is None or (self.is_main and self.parallel.full_model_here)):
+            sample = self.sampler(self.model, self.data.tokenizer, cfg.sample_tokens, cfg.seed)
         result = TrainResult(
             run_dir=str(self.run.path),
             step=self.step,

@@ -1,75 +1,24 @@
-"""`moelab <command>`: one subcommand per user task. Each command is a thin layer over functions
-that tests and users can call directly; its help text is the handler's docstring.
-
-Bad input (config, paths, data, checkpoints) ends with one line `moelab: error: ...` and exit 2.
-"""
+"""`moelab train`, `eval`, `generate` and `info`: the commands on one run or config."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from moelab.cli.common import (
+    add_config_flags,
+    add_run_flags,
+    add_sampling_flags,
+    config_overrides,
+    default_out,
+    log_err,
+    resolve_config,
+    sampling_params,
+)
 from moelab.errors import MoelabError
-
-EXIT_USAGE = 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared flags: the same names mean the same thing in every command
-
-
-def add_config_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
-    """CONFIG and --preset (one model, or several with many=True), --set and --data."""
-    if many:
-        p.add_argument("config", nargs="*", help="TOML config files, one per model")
-        p.add_argument("--preset", action="append", help="a preset from configs/ (repeatable)")
-    else:
-        p.add_argument("config", nargs="?", help="a TOML config file (default: the small-moe preset)")
-        p.add_argument("--preset", help="a preset from configs/ (small-moe, small-dense, tiny, ...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one setting, e.g. --set model.moe.num_experts=16 (repeatable)")
-    p.add_argument("--data", help="training text: a file, a directory, a .jsonl file, or 'stdlib' (the embedded corpus)")
-
-
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="run directory to create (default: runs/<preset>-<time>)")
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (a checkpoint is saved)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def config_overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides)
-    if getattr(args, "data", None):
-        overrides.append(f"data.source={json.dumps(args.data)}")
-    if getattr(args, "max_minutes", None) is not None:
-        if args.max_minutes <= 0:
-            raise MoelabError(f"--max-minutes {args.max_minutes} is not allowed: a number of minutes > 0")
-        overrides.append(f"train.max_minutes={args.max_minutes}")
-    return overrides
-
-
-def resolve_config(args: argparse.Namespace):
-    from moelab.config import load_config
-
-    return load_config(getattr(args, "config", None), args.preset, config_overrides(args))
-
-
-def default_out(prefix: str) -> Path:
-    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def log_err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -77,6 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     standard library's source), about 11 minutes on a 2-core CPU, then the validation loss and a
     short sample. --resume continues the run in --out from its newest checkpoint (or from the
     checkpoint given), exactly where it stopped."""
+    from moelab.infer.generate import training_sample
     from moelab.rundir import RunDir
     from moelab.train.trainer import Trainer, describe_result
 
@@ -109,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         resume = False
         out = Path(args.out) if args.out else default_out(args.preset or (Path(args.config).stem if args.config else "small-moe"))
-    trainer = Trainer(cfg, out, resume=resume, log=log_err, progress=not args.quiet)
+    trainer = Trainer(cfg, out, resume=resume, log=log_err, progress=not args.quiet, sampler=training_sample)
     result = trainer.fit()
     if trainer.is_main:  # (distributed) rank 0 reports for the whole run
         print(describe_result(result))
@@ -125,8 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from moelab.data.loader import eval_batches
     from moelab.data.shards import prepare_data
+    from moelab.device import resolve_device
     from moelab.rundir import load_model
-    from moelab.train.trainer import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_model(args.run, device)
@@ -155,16 +105,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a trained run, streamed to the terminal as it is produced."""
+    from moelab.device import resolve_device
     from moelab.infer.generate import generate
-    from moelab.infer.sampling import SamplingParams
     from moelab.rundir import load_model
-    from moelab.train.trainer import resolve_device
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise MoelabError(str(exc)) from None
+    params = sampling_params(args)
     if args.max_new_tokens < 1:
         raise MoelabError(f"--max-new-tokens {args.max_new_tokens} is not allowed: an integer >= 1")
     loaded = load_model(args.run, resolve_device(args.device))
@@ -229,29 +174,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def _command(sub, name: str, handler: Callable[[argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
-    description = inspect.cleandoc(handler.__doc__ or summary)
-    p = sub.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(handler=handler)
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moelab", description="Train, diagnose, compare and serve sparse mixture-of-experts language models.")
-    from moelab import __version__
-
-    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = _command(sub, "train", cmd_train, "train a model (default: the small MoE on the embedded corpus)")
+def register(sub, command) -> None:
+    """Add these commands to the `moelab` parser."""
+    p = command(sub, "train", cmd_train, "train a model (default: the small MoE on the embedded corpus)")
     add_config_flags(p)
     add_run_flags(p)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", help="continue the run in --out from its newest checkpoint, or from CHECKPOINT")
 
-    p = _command(sub, "eval", cmd_eval, "validation loss and perplexity of a run or checkpoint")
+    p = command(sub, "eval", cmd_eval, "validation loss and perplexity of a run or checkpoint")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
     p.add_argument("--data", help="evaluate on this data's validation split instead of the run's")
     p.add_argument("--batches", type=int, default=0, help="at most this many batches (0 = the whole validation split)")
@@ -259,52 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = _command(sub, "generate", cmd_generate, "generate text from a run, streamed")
+    p = command(sub, "generate", cmd_generate, "generate text from a run, streamed")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_flags(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
-    p = _command(sub, "info", cmd_info, "parameters, FLOPs per token and memory of a config or run")
+    p = command(sub, "info", cmd_info, "parameters, FLOPs per token and memory of a config or run")
     add_config_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-    for register in _extra_commands():
-        register(sub, _command)
-    return parser
-
-
-def _extra_commands() -> list[Callable]:
-    """Commands that live beside their subsystem (compare, diagnose, serve, export, ...)."""
-    from moelab.analysis import cli as analysis_cli
-    from moelab.analysis import diagnose_cli
-    from moelab.infer import cli as infer_cli
-    from moelab.interop import cli as interop_cli
-
-    return [analysis_cli.register, diagnose_cli.register, infer_cli.register, interop_cli.register]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return args.handler(args)
-    except MoelabError as exc:
-        # NOTE (distributed): under torchrun every rank meets the same bad input; rank 0 says it once.
-        if os.environ.get("RANK", "0") == "0":
-            log_err(f"moelab: error: {exc}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        log_err("moelab: interrupted")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

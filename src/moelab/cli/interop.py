@@ -1,4 +1,4 @@
-"""CLI commands of this subsystem (registered by moelab.cli): export, import, upcycle."""
+"""`moelab export`, `import` and `upcycle`."""
 
 from __future__ import annotations
 

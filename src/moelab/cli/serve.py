@@ -1,4 +1,4 @@
-"""CLI commands of the inference subsystem (registered by moelab.cli): serve and chat."""
+"""`moelab serve` and `moelab chat`."""
 
 from __future__ import annotations
 
@@ -8,20 +8,10 @@ import os
 import sys
 from collections.abc import Callable
 
+from moelab.cli.common import add_sampling_flags, sampling_params
 from moelab.errors import MoelabError
 
 API_KEY_ENV = "MOELAB_API_KEY"
-
-
-def _sampling_params(args: argparse.Namespace):
-    from moelab.infer.sampling import SamplingParams
-
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise MoelabError(str(exc)) from None
-    return params
 
 
 def _engine_config(args: argparse.Namespace):
@@ -58,9 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Requests that arrive while others are generating join the running batch at the next step.
     With --api-key (or the MOELAB_API_KEY environment variable) every route but /health needs the
     header 'Authorization: Bearer KEY'. See docs/serving.md."""
-    from moelab.infer.server import ServerSettings, bind, create_app, load_servable, uvicorn_server
+    from moelab.device import resolve_device
+    from moelab.infer.server import (
+        ServerSettings,
+        bind,
+        create_app,
+        load_servable,
+        uvicorn_server,
+    )
     from moelab.rundir import resolve_checkpoint
-    from moelab.train.trainer import resolve_device
 
     run, checkpoint = resolve_checkpoint(args.run)  # bad paths fail now, not in the background
     resolve_device(args.device)
@@ -107,12 +103,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     Type a message and the reply streams as it is generated. /reset starts a new conversation,
     /exit (or Ctrl-D) quits, Ctrl-C stops a reply. When the conversation outgrows the context
     window the oldest turns are dropped."""
+    from moelab.device import resolve_device
     from moelab.infer.chat import ChatEncoder
     from moelab.infer.engine import Engine, EngineConfig
     from moelab.rundir import load_model
-    from moelab.train.trainer import resolve_device
 
-    params = _sampling_params(args)
+    params = sampling_params(args)
     if args.max_tokens < 1:
         raise MoelabError(f"--max-tokens {args.max_tokens} is not allowed: an integer >= 1")
     _set_threads(args.threads)
@@ -201,13 +197,6 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens prefilled in one step (default 4096)")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
-
-
 def register(sub, command) -> None:
     """Add this subsystem's subcommands to the `moelab` parser."""
     p = command(sub, "serve", cmd_serve, "serve a run over HTTP with the OpenAI API (completions, chat, streaming)")
@@ -228,4 +217,4 @@ def register(sub, command) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (cut to the context window)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small models; 0 = torch's default)")
-    _add_sampling_flags(p)
+    add_sampling_flags(p)

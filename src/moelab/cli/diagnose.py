@@ -1,4 +1,4 @@
-"""CLI command of the diagnose subsystem: `moelab diagnose RUN_DIR` (registered by moelab.cli)."""
+"""`moelab diagnose RUN_DIR`."""
 
 from __future__ import annotations
 

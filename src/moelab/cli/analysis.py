@@ -1,17 +1,16 @@
-"""CLI commands of the analysis subsystem: compare, sweep, forecast, diagnose."""
+"""`moelab compare`, `sweep` and `forecast`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from moelab.errors import MoelabError
-
 from moelab.analysis.tuning import DEFAULT_FRACTION as TUNE_FRACTION_DEFAULT
+from moelab.errors import MoelabError
 
 
 def _models_from_args(args: argparse.Namespace):
-    from moelab.cli import config_overrides
+    from moelab.cli.common import config_overrides
     from moelab.config import load_config
 
     overrides = config_overrides(args)
@@ -41,9 +40,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plan.json lists every run; interrupted comparisons resume: finished runs are reused. Writes
     compare.json, PNG plots and report.html."""
     from moelab.analysis.compare import Budget, compare
-    from moelab.analysis.tuning import TuneSpec
     from moelab.analysis.render import compare_text
-    from moelab.cli import config_overrides, log_err
+    from moelab.analysis.tuning import TuneSpec
+    from moelab.cli.common import config_overrides, log_err
     from moelab.config import load_config
 
     tune = TuneSpec.parse(args.tune, args.tune_fraction) if args.tune is not None else None
@@ -74,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from moelab.analysis.compare import Budget
     from moelab.analysis.render import sweep_text
     from moelab.analysis.sweep import parse_int_list, sweep
-    from moelab.cli import log_err, resolve_config
+    from moelab.cli.common import log_err, resolve_config
 
     base = resolve_config(args)
     experts = parse_int_list(args.experts, "--experts")
@@ -109,9 +108,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     the law is refitted without one rung (--holdout, the largest by default) and its prediction for
     that rung is printed beside what the rung measured. Finished ladder runs are reused."""
     from moelab.analysis.forecast import forecast_report, parse_holdout, run_ladder
-    from moelab.analysis.sweep import parse_int_list
     from moelab.analysis.render import forecast_text
-    from moelab.cli import log_err, resolve_config
+    from moelab.analysis.sweep import parse_int_list
+    from moelab.cli.common import log_err, resolve_config
 
     base = resolve_config(args)
     if base.model.moe is None:
@@ -133,7 +132,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def register(sub, command) -> None:
-    from moelab.cli import add_config_flags
+    from moelab.cli.common import add_config_flags
 
     p = command(sub, "compare", cmd_compare, "dense vs MoE at matched compute: curves, costs, compute multiplier")
     add_config_flags(p, many=True)
