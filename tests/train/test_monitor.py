@@ -26,8 +26,7 @@ from moelab.errors import ConfigError
 from moelab.files import read_jsonl
 from moelab.model import Transformer
 from moelab.rundir import RunDir
-from moelab.train.monitor import (
-    Monitor,
+from moelab.model.health import (
     collapse_score,
     effective_experts,
     entropy,
@@ -36,6 +35,7 @@ from moelab.train.monitor import (
     load_metrics,
     router_health,
 )
+from moelab.train.monitor import Monitor
 from moelab.train.trainer import Trainer
 
 # ---------------------------------------------------------------------------------------------
