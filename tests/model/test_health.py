@@ -164,3 +164,16 @@ def test_dropped_fraction_with_a_capacity() -> None:
     model(torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(2)))
     h = router_health(model, model.router_stats())
     assert 0.4 <= h["router.0.dropped_frac"] < 1.0  # half the slots fit at best
+
+
+def test_one_rule_judges_skewed_routing() -> None:
+    """routing_skewed is the rule the monitor applies per interval and diagnose at the end."""
+    from moelab.config import MonitorConfig
+    from moelab.model.health import routing_skewed
+
+    cfg = MonitorConfig(collapse_score=0.5)
+    assert routing_skewed(0.5, 1.0, cfg) and not routing_skewed(0.49, 50.0, cfg)  # imbalance is off by default
+    assert not routing_skewed(None, None, cfg)
+    both = MonitorConfig(collapse_score=0.5, collapse_imbalance=3.0)
+    assert routing_skewed(0.1, 3.0, both) and not routing_skewed(0.1, 2.99, both) and not routing_skewed(None, None, both)
+    assert routing_skewed(None, 4.0, both)  # metrics without a score: the imbalance alone decides

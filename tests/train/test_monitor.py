@@ -415,4 +415,8 @@ def test_an_interval_rule_with_action_stop_stops_the_run(tmp_path) -> None:
     assert result.stopped_by == "monitor" and result.step == 2
     alerts = read_jsonl(run / "alerts.jsonl")
     assert "collapse" in {a["rule"] for a in alerts} and all(a["action"] == "stop" for a in alerts if a["rule"] == "collapse")
-    assert any(r.get("event") == "stop" for r in read_jsonl(run / "metrics.jsonl"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert any(r.get("event") == "stop" for r in rows)
+    # the alert rows of metrics.jsonl carry the layer, as alerts.jsonl does
+    layers = {a["layer"] for a in alerts if a["rule"] == "collapse"}
+    assert layers and {r["layer"] for r in rows if r.get("event") == "alert" and r.get("rule") == "collapse"} == layers

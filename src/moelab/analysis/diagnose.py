@@ -24,7 +24,7 @@ from typing import Any
 from moelab.config import MonitorConfig
 from moelab.errors import MoelabError
 from moelab.files import read_jsonl
-from moelab.model.health import collapse_score, effective_experts, router_layers
+from moelab.model.health import collapse_score, effective_experts, router_layers, routing_skewed
 from moelab.rundir import RunDir
 from moelab.train.monitor import Monitor
 
@@ -181,7 +181,7 @@ def alert_layer(alert: dict[str, Any]) -> int | None:
     if isinstance(alert.get("layer"), int):
         return alert["layer"]
     message = str(alert.get("message", ""))
-    if message.startswith("layer "):  # alert lines in metrics.jsonl carry no layer field
+    if message.startswith("layer "):  # alert lines in metrics.jsonl written before they carried the layer
         head = message[6:].split(":", 1)[0]
         return int(head) if head.isdigit() else None
     return None
@@ -222,9 +222,7 @@ def _layer_status(layer: int, summary: dict[str, float], alerts: list[dict[str, 
     status = "healthy"
     score = summary.get("collapse_score")
     n_eff = summary.get("effective_experts")
-    collapsed = score is not None and score >= cfg.collapse_score
-    if cfg.collapse_imbalance > 0 and summary.get("imbalance", 0) >= cfg.collapse_imbalance:
-        collapsed = True
+    collapsed = routing_skewed(score, summary.get("imbalance"), cfg)
     if collapsed:
         status = "collapsed"
         if n_eff is not None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moelab.config import MonitorConfig
+
 
 def load_metrics(tokens_per_expert: list[float]) -> dict[str, float | list[float]]:
     """Token share per expert and three views of its imbalance:
@@ -101,6 +103,15 @@ def expert_norms(tensors: list[torch.Tensor]) -> list[float]:
     E = tensors[0].shape[0]
     per_tensor = [torch.linalg.vector_norm(t.detach().reshape(E, -1), dim=1, dtype=torch.float32) for t in tensors]
     return torch.stack(per_tensor).double().cpu().square().sum(0).sqrt().tolist()
+
+
+def routing_skewed(score: float | None, imbalance: float | None, cfg: MonitorConfig) -> bool:
+    """Whether one interval's routing of a layer counts towards a collapse: the collapse score at or
+    above monitor.collapse_score, or (when set) max/mean load at or above monitor.collapse_imbalance.
+    The one rule the training monitor (persisting over intervals) and diagnose (at the end) apply."""
+    if score is not None and score >= cfg.collapse_score:
+        return True
+    return cfg.collapse_imbalance > 0 and imbalance is not None and imbalance >= cfg.collapse_imbalance
 
 
 def router_health(model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moelab.config import MonitorConfig
-from moelab.model.health import collapse_score, effective_experts, router_layers
+from moelab.model.health import collapse_score, effective_experts, router_layers, routing_skewed
 
 # ---------------------------------------------------------------------------------------------
 # Rules
@@ -220,7 +220,7 @@ class Monitor:
         if score is None:  # metrics from before the score existed
             score = collapse_score(share, self.top_k)
         imbalance = health[p + "imbalance"]
-        skewed = score >= cfg.collapse_score or (cfg.collapse_imbalance > 0 and imbalance >= cfg.collapse_imbalance)
+        skewed = routing_skewed(score, imbalance, cfg)
         self.skewed[key] = self.skewed.get(key, 0) + 1 if skewed else 0
         collapsed = self.skewed[key] >= cfg.persist_intervals
         top = max(range(E), key=share.__getitem__)

@@ -295,7 +295,10 @@ class Trainer:
         if self.is_main:
             with open(self.run.alerts_path, "a") as f:
                 f.write(json.dumps(alert.to_dict()) + "\n")
-        self._write_metrics({"step": alert.step, "tokens": self.tokens, "event": "alert", "rule": alert.rule, "action": alert.action, "message": alert.message})
+        row = {"step": alert.step, "tokens": self.tokens, "event": "alert", "rule": alert.rule, "action": alert.action, "message": alert.message}
+        if alert.layer is not None:
+            row["layer"] = alert.layer  # diagnose reads it; older runs had only the message text
+        self._write_metrics(row)
         self.bar.message(f"alert [{alert.rule} -> {alert.action}] {alert.message}")
 
     def _monitor_stop(self, alert: Alert) -> None:
