@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from moelab.cli import main
+from moelab.cli.serve import ChatSession
 from moelab.data.tokenizer import IM_END
 from moelab.infer.chat import ChatEncoder, render_chat
-from moelab.cli.serve import ChatSession
 from moelab.infer.engine import Engine, EngineConfig
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingParams
