@@ -47,17 +47,20 @@ class RunDir:
     def is_run(self) -> bool:
         return self.config_path.is_file()
 
+    def check_free(self) -> None:
+        """Refuse a path that is a file, holds another run, or holds other files (absent is free)."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise MoelabError(f"output path {self.path} is a file; give a directory for --out")
+        if self.is_run():
+            raise MoelabError(f"output directory {self.path} holds another run already; continue it with --resume or choose another --out")
+        if any(self.path.iterdir()):
+            raise MoelabError(f"output directory {self.path} is not empty; choose a new or empty directory for --out")
+
     def create(self, cfg: RunConfig) -> None:
         """Make a new run directory; refuse one that holds another run or other files."""
-        if self.path.exists():
-            if not self.path.is_dir():
-                raise MoelabError(f"output path {self.path} is a file; give a directory for --out")
-            if self.is_run():
-                raise MoelabError(
-                    f"output directory {self.path} holds another run already; continue it with --resume or choose another --out"
-                )
-            if any(self.path.iterdir()):
-                raise MoelabError(f"output directory {self.path} is not empty; choose a new or empty directory for --out")
+        self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.config_path, cfg.to_toml())
 

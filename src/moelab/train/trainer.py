@@ -77,6 +77,24 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bfloat16" else None
 
 
+@dataclass
+class IntervalTotals:
+    """What the steps since the last logging interval add up to."""
+
+    loss: float = 0.0
+    aux: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def add(self, loss: float, aux: float, seconds: float, tokens: int) -> None:
+        self.loss += loss
+        self.aux += aux
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+
+
 class Trainer:
     """Train one run. `resume` is False, True (newest checkpoint) or a checkpoint path."""
 
@@ -114,7 +132,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
         resume_from = self._resume_checkpoint(resume)
         if resume_from is None and self.run.path.exists():
-            self._check_out_dir_free()  # before the data work, so a mistake costs nothing
+            self.run.check_free()  # before the data work, so a mistake costs nothing
         if self.parallel is not None:
             self.parallel.main_first_begin()  # (distributed) rank 0 fills the token cache and creates the run first
 
@@ -169,14 +187,6 @@ class Trainer:
 
     # -- setup helpers -----------------------------------------------------------------------
 
-    def _check_out_dir_free(self) -> None:
-        path = self.run.path
-        if not path.is_dir():
-            raise MoelabError(f"output path {path} is a file; give a directory for --out")
-        if self.run.is_run():
-            raise MoelabError(f"output directory {path} holds another run already; continue it with --resume or choose another --out")
-        if any(path.iterdir()):
-            raise MoelabError(f"output directory {path} is not empty; choose a new or empty directory for --out")
 
     def _resume_checkpoint(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
@@ -372,6 +382,14 @@ class Trainer:
             loss_mean, aux_mean = self.parallel.mean(loss_mean, aux_mean)
         return loss_mean, aux_mean
 
+    def _act_on(self, alert: Alert) -> bool:
+        """Carry out an alert's stop or rollback action; True when the run must stop (a stop, or a
+        rollback whose retries are spent or that has no checkpoint to go back to)."""
+        if alert.action == "rollback" and self._rollback(alert):
+            return False
+        self._monitor_stop(alert)
+        return True
+
     def _rollback(self, alert: Alert) -> bool:
         """Restore the newest good checkpoint and skip the batches that led to the failure.
         Returns False when the retry budget is spent."""
@@ -424,7 +442,7 @@ class Trainer:
         if self.step == 0 and (not self._list_checkpoints() or self.last_val is None):
             self._eval_and_log()
             self._checkpoint()  # a rollback target from the very start
-        interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+        interval = IntervalTotals()
         grad_norm = 0.0
         while self.step < cfg.max_steps:
             if stop_at is not None and self.step >= stop_at:
@@ -456,11 +474,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)  # the step is skipped
                 for moe in self.model.moe_layers():
                     moe.load_since_update.zero_()
-                if alert.action == "stop" or (alert.action == "rollback" and not self._rollback(alert)):
+                if alert.action != "warn" and self._act_on(alert):
                     stopped_by = "monitor"
-                    self._monitor_stop(alert)
                     break
-                interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+                interval = IntervalTotals()
                 continue
             log_now = (self.step + 1) % cfg.log_every == 0
             if self.parallel is not None:  # (distributed) statistics of the global batch, experts gathered
@@ -479,20 +496,16 @@ class Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             self.train_s += dt
-            interval_loss += loss
-            interval_aux += aux
-            interval_steps += 1
-            interval_s += dt
-            interval_tokens += self.tokens_per_step
+            interval.add(loss, aux, dt, self.tokens_per_step)
             self.wall_s = wall_at_start + time.perf_counter() - session_start
             if log_now:
-                tps = interval_tokens / max(interval_s, 1e-9)
+                tps = interval.tokens / max(interval.seconds, 1e-9)
                 record = {
                     "step": self.step,
                     "tokens": self.tokens,
                     "flops": self.tokens * self.flops_per_token,
-                    "loss": interval_loss / interval_steps,
-                    "aux_loss": interval_aux / interval_steps,
+                    "loss": interval.loss / interval.steps,
+                    "aux_loss": interval.aux / interval.steps,
                     "lr": learning_rate(self.step - 1, cfg),
                     "grad_norm": grad_norm,
                     "tokens_per_s": tps,
@@ -507,14 +520,13 @@ class Trainer:
                     self._write_alert(a)
                     if a.action in ("stop", "rollback") and stop_alert is None:
                         stop_alert = a
-                eta = (cfg.max_steps - self.step) * interval_s / interval_steps
+                eta = (cfg.max_steps - self.step) * interval.seconds / interval.steps
                 latest = alerts[-1].rule if alerts else ""
                 self.bar.update(self.step, record["loss"], tps, eta, self.last_val, latest)
-                interval_loss, interval_aux, interval_steps, interval_s, interval_tokens = 0.0, 0.0, 0, 0.0, 0
+                interval = IntervalTotals()
                 if stop_alert is not None:
-                    if stop_alert.action == "stop" or not self._rollback(stop_alert):
+                    if self._act_on(stop_alert):
                         stopped_by = "monitor"
-                        self._monitor_stop(stop_alert)
                         break
                     continue
             if self.step % cfg.eval_every == 0:
