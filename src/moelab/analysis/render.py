@@ -171,6 +171,7 @@ def render_sweep(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
     )
 
 
+TREND_VERB = {"grows": "grow", "shrinks": "shrink", "flips": "flip", "holds": "hold"}
 LAW_TEXT = "L(N, D, E) = c + a N^-alpha E^-(b + g ln(N/N0) + h ln(D/D0)) + B D^-beta"
 LAW_CONSTANTS = ("c", "a", "alpha", "b", "g", "h", "B", "beta")
 
@@ -212,7 +213,7 @@ def forecast_text(data: dict[str, Any]) -> str:
     elif bt:
         lines += ["", f"backtest: the law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs) against what that rung measured:",
                   text_table(BACKTEST_HEADERS, backtest_rows(bt))]
-    lines += ["", f"The MoE advantage is predicted to {f['trend'].upper()}: {f['why']}."]
+    lines += ["", f"The MoE advantage is predicted to {TREND_VERB[f['trend']].upper()}: {f['why']}."]
     lines += [f"WARNING: {w}" for w in f["warnings"]]
     if bt and "covered" in bt and not all(bt["covered"].values()):
         lines.append(f"WARNING: the backtest's intervals missed what rung {bt['rung']} measured: treat the forecast above with at least that much doubt")
@@ -243,7 +244,7 @@ def render_forecast(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
         "moelab forecast: will the MoE advantage survive a larger budget?",
         f"target: {f['N']:.3g} active parameters, {f['D']:.3g} tokens, {f['E']:g} experts",
         [
-            ("", report.verdict(f"The MoE advantage is predicted to {f['trend']}: {f['why']}.", kind) + warnings),
+            ("", report.verdict(f"The MoE advantage is predicted to {TREND_VERB[f['trend']]}: {f['why']}.", kind) + warnings),
             ("Forecast", report.table(["model", "loss", f"{level:.0%} low", f"{level:.0%} high"], [
                 ["dense", f"{f['dense']:.4f}", f"{f['dense_ci'][0]:.4f}", f"{f['dense_ci'][1]:.4f}"],
                 ["MoE", f"{f['moe']:.4f}", f"{f['moe_ci'][0]:.4f}", f"{f['moe_ci'][1]:.4f}"],
