@@ -75,7 +75,9 @@ def val_curve(run: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r}
 
 
-def fell_behind(healthy: dict[int, float], collapsing: dict[int, float], margin: float) -> tuple[int | None, int | None]:
+def fell_behind(
+    healthy: dict[int, float], collapsing: dict[int, float], margin: float
+) -> tuple[int | None, int | None]:
     """(first evaluation step where the collapsing run is behind by more than margin, first step
     from which it stays behind by more than margin at every later shared evaluation)."""
     steps = sorted(set(healthy) & set(collapsing) - {0})
@@ -104,10 +106,20 @@ def main() -> int:
     ap.add_argument("--preset", default="small-moe")
     ap.add_argument("--out", default="runs/collapse-demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="for both runs")
-    ap.add_argument("--collapse-set", action="append", default=[], metavar="KEY=VALUE", help="for the collapsing run only, after the built-in ones")
+    ap.add_argument(
+        "--collapse-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="for the collapsing run only, after the built-in ones",
+    )
     ap.add_argument("--margin", type=float, default=0.01, help="validation loss gap (nats) that counts as behind")
-    ap.add_argument("--only", choices=["healthy", "collapsing"], help="train only this run (healthy: exit 1 on any alert)")
-    ap.add_argument("--trace-steps", action="store_true", help="also write every step's loss and grad norm to RUN/steps.jsonl")
+    ap.add_argument(
+        "--only", choices=["healthy", "collapsing"], help="train only this run (healthy: exit 1 on any alert)"
+    )
+    ap.add_argument(
+        "--trace-steps", action="store_true", help="also write every step's loss and grad norm to RUN/steps.jsonl"
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -122,7 +134,12 @@ def main() -> int:
     result: dict[str, Any] = {
         "preset": args.preset,
         "overrides": args.overrides,
-        "healthy": {"run": str(healthy), "alerts": healthy_alerts, "val_loss": RunDir(healthy).read_summary()["val_loss"], "report": report(healthy)},
+        "healthy": {
+            "run": str(healthy),
+            "alerts": healthy_alerts,
+            "val_loss": RunDir(healthy).read_summary()["val_loss"],
+            "report": report(healthy),
+        },
     }
     print(f"healthy run: {len(healthy_alerts)} alert(s), final validation loss {result['healthy']['val_loss']:.4f}")
     for a in healthy_alerts:
@@ -145,13 +162,17 @@ def main() -> int:
             "report": report(collapsing),
         }
         c = result["collapsing"]
-        print(f"collapsing run: {len(found)} alert(s), final validation loss {c['val_loss']:.4f} "
-              f"({c['val_loss'] - result['healthy']['val_loss']:+.4f} vs healthy)")
+        print(
+            f"collapsing run: {len(found)} alert(s), final validation loss {c['val_loss']:.4f} "
+            f"({c['val_loss'] - result['healthy']['val_loss']:+.4f} vs healthy)"
+        )
         for a in found:
             print(f"  step {a['step']}: [{a['rule']} -> {a['action']}] {a['message']}")
         print(f"first collapse / dead-expert alert: step {first_alert}")
-        print(f"validation loss behind the healthy run by > {args.margin:g} nats: first at step {first_behind}, "
-              f"and for good from step {stays_behind}")
+        print(
+            f"validation loss behind the healthy run by > {args.margin:g} nats: first at step {first_behind}, "
+            f"and for good from step {stays_behind}"
+        )
         flagged_early = first_alert is not None and (stays_behind is None or first_alert < stays_behind)
         ok = ok and flagged_early
         if first_alert is None:

@@ -115,7 +115,14 @@ def measure(c: dict, T: int, steps: int, warmup: int, rank: int, world: int) -> 
             dist.barrier(group=group)
             total = step(models[variant], x, group if variant == "data parallel" else None, meter)
             if i >= warmup:
-                rows[variant].append({"total_s": total, "comm_s": meter.seconds, "bytes": meter.bytes_sent, "phases": dict(meter.by_phase)})
+                rows[variant].append(
+                    {
+                        "total_s": total,
+                        "comm_s": meter.seconds,
+                        "bytes": meter.bytes_sent,
+                        "phases": dict(meter.by_phase),
+                    }
+                )
     out = {}
     for variant, r in rows.items():
         out[variant] = {
@@ -165,14 +172,31 @@ def report(results: dict, baseline: dict[str, float], args: argparse.Namespace, 
             lines.append(
                 f"{name:8} {variant:16} {step * 1e3:8.1f} {(step - comm) * 1e3:10.1f} {comm * 1e3:8.1f} {100 * comm / step:6.1f}% {sent / 2**20:13.2f} {expect / 2**20:12.2f}"
             )
-            out["configs"][name]["variants"][variant] = {"step_s": step, "comm_s": comm, "bytes_sent_per_rank": sent, "balanced_bytes": expect, "ranks": ranks}
+            out["configs"][name]["variants"][variant] = {
+                "step_s": step,
+                "comm_s": comm,
+                "bytes_sent_per_rank": sent,
+                "balanced_bytes": expect,
+                "ranks": ranks,
+            }
         if name in baseline:
-            lines.append(f"{name:8} {'one process':16} {baseline[name] * 1e3:8.1f} {'':>10} {'':>8} {'':>7} {'':>13} {'':>12}   (2 threads, all {args.tokens} tokens)")
+            lines.append(
+                f"{name:8} {'one process':16} {baseline[name] * 1e3:8.1f} {'':>10} {'':>8} {'':>7} {'':>13} {'':>12}   (2 threads, all {args.tokens} tokens)"
+            )
             out["configs"][name]["one_process_2_threads_s"] = baseline[name]
-        phases = statistics.mean(sum(r["phases"].get(p, 0.0) for p in r["phases"]) for r in per_variant["expert parallel"])
+        phases = statistics.mean(
+            sum(r["phases"].get(p, 0.0) for p in r["phases"]) for r in per_variant["expert parallel"]
+        )
         detail = per_variant["expert parallel"][0]["phases"]
-        lines.append(f"{'':8} {'':16} all-to-all by phase on rank 0 (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in detail.items()) + f" (total {phases * 1e3:.1f})")
-    lines += ["", "CPU measurement (gloo over loopback on a shared machine): it shows the volume and the shape of the split, not GPU interconnect speed."]
+        lines.append(
+            f"{'':8} {'':16} all-to-all by phase on rank 0 (ms): "
+            + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in detail.items())
+            + f" (total {phases * 1e3:.1f})"
+        )
+    lines += [
+        "",
+        "CPU measurement (gloo over loopback on a shared machine): it shows the volume and the shape of the split, not GPU interconnect speed.",
+    ]
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -180,7 +204,9 @@ def report(results: dict, baseline: dict[str, float], args: argparse.Namespace, 
 
 
 def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, baseline: dict[str, float]) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(minutes=10)
+    )
     try:
         worker(rank, world, args, baseline)
     finally:
@@ -203,7 +229,9 @@ def main() -> None:
             dist.destroy_process_group()
         return
     torch.set_num_threads(2)
-    baseline = {name: one_process(CONFIGS[name], args.tokens, args.steps, args.warmup) for name in args.configs.split(",")}
+    baseline = {
+        name: one_process(CONFIGS[name], args.tokens, args.steps, args.warmup) for name in args.configs.split(",")
+    }
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -72,7 +72,15 @@ def build(name: str, c: dict) -> torch.nn.Module | None:
     return init_(OlmoeSparseMoeBlock(cfg), 3)
 
 
-IMPLS = ["dense", "moelab", "moelab-padded", "hf-mixtral:eager", "hf-mixtral:grouped_mm", "hf-olmoe:eager", "hf-olmoe:grouped_mm"]
+IMPLS = [
+    "dense",
+    "moelab",
+    "moelab-padded",
+    "hf-mixtral:eager",
+    "hf-mixtral:grouped_mm",
+    "hf-olmoe:eager",
+    "hf-olmoe:grouped_mm",
+]
 
 
 def first(out):
@@ -130,7 +138,12 @@ def child_memory(impl: str, config: str, tokens: int) -> None:
 
 def peak_memory(impl: str, config: str, tokens: int) -> int | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, __file__, "--child", impl, config, "--tokens", str(tokens)], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", impl, config, "--tokens", str(tokens)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode != 0:
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -147,7 +160,13 @@ def main() -> None:
     if args.child:
         child_memory(args.child[0], args.child[1], args.tokens)
         return
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "tokens": args.tokens, "configs": {}}
+    results = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "tokens": args.tokens,
+        "configs": {},
+    }
     try:
         import transformers
 
@@ -180,11 +199,15 @@ def main() -> None:
                 "peak_memory_bytes": peak_memory(name, config, args.tokens),
             }
         results["configs"][config] = {"shape": c, "rows": rows}
-        print(f"\n{config}: D={c['D']} I={c['I']} E={c['E']} k={c['k']} T={args.tokens} fp32, {results['threads']} threads, dense reference = SwiGLU hidden {c['k'] * c['I']}")
+        print(
+            f"\n{config}: D={c['D']} I={c['I']} E={c['E']} k={c['k']} T={args.tokens} fp32, {results['threads']} threads, dense reference = SwiGLU hidden {c['k'] * c['I']}"
+        )
         print(f"{'implementation':24s} {'fwd ms':>8s} {'fwd x':>7s} {'f+b ms':>8s} {'f+b x':>7s} {'peak MiB':>9s}")
         for name, r in rows.items():
             mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
-            print(f"{name:24s} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:7.2f} {r['forward_backward_s'] * 1e3:8.1f} {r['forward_backward_ratio']:7.2f} {mem:>9s}")
+            print(
+                f"{name:24s} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:7.2f} {r['forward_backward_s'] * 1e3:8.1f} {r['forward_backward_ratio']:7.2f} {mem:>9s}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

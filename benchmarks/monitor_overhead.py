@@ -60,7 +60,9 @@ class Bench:
         self.monitor = Monitor(cfg.monitor, moe.num_experts if moe else 0, moe.top_k if moe else 1)
         gen = torch.Generator().manual_seed(0)
         B, T = cfg.train.batch_size, cfg.data.seq_len
-        self.batches = [torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=gen).to(self.device) for _ in range(8)]
+        self.batches = [
+            torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=gen).to(self.device) for _ in range(8)
+        ]
         self.step = 0
         self.monitor_s = 0.0  # time inside the monitor's calls
 
@@ -84,7 +86,9 @@ class Bench:
         if with_monitor:
             t0 = self.clock()
             self.monitor.check_step(self.step + 1, loss_value, grad_norm)
-            health = router_health(self.model, self.model.router_stats(), cfg.monitor.expert_similarity) if log_now else None
+            health = (
+                router_health(self.model, self.model.router_stats(), cfg.monitor.expert_similarity) if log_now else None
+            )
             self.sync()
             self.monitor_s += self.clock() - t0
         self.optimizer.step()
@@ -122,7 +126,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of (plain, monitor) block pairs")
     ap.add_argument("--intervals", type=int, default=2, help="logging intervals per block")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall-clock time, or this process's CPU time (CPU device only)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall-clock time, or this process's CPU time (CPU device only)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "monitor_overhead.json"))
     args = ap.parse_args()
@@ -153,7 +162,8 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "overrides": args.overrides,
-        "device": str(bench.device) + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""),
+        "device": str(bench.device)
+        + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""),
         "autocast": str(bench.amp) if bench.amp else "none (fp32)",
         "clock": args.clock,
         "log_every": log_every,
@@ -169,15 +179,21 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    print(f"{args.preset} on {result['device']}, autocast {result['autocast']}, log_every {log_every}, "
-          f"{args.rounds} rounds of {steps}-step blocks, {result['threads']} threads, {args.clock} clock")
+    print(
+        f"{args.preset} on {result['device']}, autocast {result['autocast']}, log_every {log_every}, "
+        f"{args.rounds} rounds of {steps}-step blocks, {result['threads']} threads, {args.clock} clock"
+    )
     print(f"{'variant':<12}{'s/step':>12}")
     print(f"{'plain':<12}{result['plain_step_s']:>12.4f}")
     print(f"{'monitor':<12}{result['monitor_step_s']:>12.4f}")
-    print(f"overhead (interleaved A/B, median of rounds): {result['overhead_ab']:+.2%}  "
-          f"(rounds: {', '.join(f'{r:+.1%}' for r in result['overhead_ab_per_round'])})")
-    print(f"overhead (time inside monitor calls / plain step time): {result['overhead_direct']:.2%}  "
-          f"({result['monitor_calls_s_per_interval'] * 1000:.1f} ms per logging interval)")
+    print(
+        f"overhead (interleaved A/B, median of rounds): {result['overhead_ab']:+.2%}  "
+        f"(rounds: {', '.join(f'{r:+.1%}' for r in result['overhead_ab_per_round'])})"
+    )
+    print(
+        f"overhead (time inside monitor calls / plain step time): {result['overhead_direct']:.2%}  "
+        f"({result['monitor_calls_s_per_interval'] * 1000:.1f} ms per logging interval)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

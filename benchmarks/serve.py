@@ -81,7 +81,9 @@ def moe_config(preset: str = "small-moe", overrides: list[str] | None = None):
     except ConfigError as e:
         raise SystemExit(f"serve.py: error: {e}") from None
     if cfg.model.moe is None:
-        raise SystemExit(f"serve.py: error: preset {preset!r} has no MoE layers: nothing to compare with its dense twins")
+        raise SystemExit(
+            f"serve.py: error: preset {preset!r} has no MoE layers: nothing to compare with its dense twins"
+        )
     return cfg
 
 
@@ -109,7 +111,9 @@ def percentile(values: list[float], q: float) -> float:
 # Load generation
 
 
-def run_engine_load(engine: Engine, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int) -> dict:
+def run_engine_load(
+    engine: Engine, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int
+) -> dict:
     """C client threads, each sending its requests one after another; per-request timings."""
     records: list[dict] = []
     lock = threading.Lock()
@@ -137,7 +141,9 @@ def run_engine_load(engine: Engine, prompts: list[tuple[int, ...]], clients: int
     return summarise(records, time.perf_counter() - t0)
 
 
-def http_client_load(url: str, model: str, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int) -> tuple[list[dict], float]:
+def http_client_load(
+    url: str, model: str, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int
+) -> tuple[list[dict], float]:
     """C openai client threads streaming completions from the server at `url`; per-request
     timings and the wall time. Runs in a process of its own (run_http_load)."""
     import openai
@@ -172,14 +178,18 @@ def http_client_load(url: str, model: str, prompts: list[tuple[int, ...]], clien
     return records, time.perf_counter() - t0
 
 
-def run_http_load(clients_process, url: str, model: str, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int) -> dict:
+def run_http_load(
+    clients_process, url: str, model: str, prompts: list[tuple[int, ...]], clients: int, requests: int, new_tokens: int
+) -> dict:
     """The HTTP load, generated in another process.
 
     NOTE: with the client threads in the server's own process, 16 openai clients parsing SSE
     competed with the server and the engine for the GIL: the same models measured 16/1 scaling of
     2.8x (MoE) and 3.0x (dense twin) that way, against 3.4x for the trained default model served by
     `moelab serve` and loaded from another process."""
-    records, wall = clients_process.submit(http_client_load, url, model, prompts, clients, requests, new_tokens).result()
+    records, wall = clients_process.submit(
+        http_client_load, url, model, prompts, clients, requests, new_tokens
+    ).result()
     return summarise(records, wall)
 
 
@@ -256,8 +266,12 @@ def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer,
         "moe_layer_pytorch_path_us": timed(lambda: torch_path(x_1D[None])) * 1e6,
         "dense_ffn_us": timed(lambda: dense(x_1D[None])) * 1e6,
         "router_us": timed(lambda: moe.router(x_1D, need_plan=False)) * 1e6,  # as the PyTorch decode path routes
-        "grouped_mm_all_groups_us": timed(lambda: torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=all_offsets)) * 1e6,
-        "grouped_mm_chosen_groups_us": timed(lambda: torch._grouped_mm(x_SD, chosen_weights.transpose(-2, -1), offs=chosen_offsets)) * 1e6,
+        "grouped_mm_all_groups_us": timed(lambda: torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=all_offsets))
+        * 1e6,
+        "grouped_mm_chosen_groups_us": timed(
+            lambda: torch._grouped_mm(x_SD, chosen_weights.transpose(-2, -1), offs=chosen_offsets)
+        )
+        * 1e6,
         "experts": moe.cfg.num_experts,
         "top_k": moe.cfg.top_k,
     }
@@ -274,11 +288,25 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as moelab serve; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1, as moelab serve; 0 = torch's default)",
+    )
     ap.add_argument("--http", action="store_true", help="through the HTTP server instead of the engine directly")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the engine runs bf16 autocast on CUDA)")
-    ap.add_argument("--preset", default="small-moe", help="the MoE preset to serve (its dense twins are derived from it)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.d_model=512 (repeatable)")
+    ap.add_argument(
+        "--preset", default="small-moe", help="the MoE preset to serve (its dense twins are derived from it)"
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.d_model=512 (repeatable)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = ap.parse_args()
     if args.threads:
@@ -289,7 +317,9 @@ def main() -> None:
     tokenizer: TextTokenizer = train_bpe(iter(stdlib_text()), 2048)
     models = build_models(tokenizer.vocab_size, args.device, moe_cfg)
     gen = torch.Generator().manual_seed(0)
-    prompts = [tuple(torch.randint(0, tokenizer.vocab_size, (args.prompt_tokens,), generator=gen).tolist()) for _ in range(64)]
+    prompts = [
+        tuple(torch.randint(0, tokenizer.vocab_size, (args.prompt_tokens,), generator=gen).tolist()) for _ in range(64)
+    ]
     cfg = models["moe"].cfg
     moe = cfg.moe
     header = (
@@ -313,7 +343,11 @@ def main() -> None:
     }
     for name, model in models.items():
         counts = accounting.param_counts(model.cfg, tokenizer.vocab_size)
-        results["models"][name] = {"total_params": counts.total, "active_params": counts.active, "ffn_hidden": model.cfg.ffn_hidden}
+        results["models"][name] = {
+            "total_params": counts.total,
+            "active_params": counts.active,
+            "ffn_hidden": model.cfg.ffn_hidden,
+        }
 
     max_batch = max(levels)
     servers, engines = {}, {}
@@ -340,7 +374,9 @@ def main() -> None:
 
     def load(name: str, clients: int) -> dict:
         if args.http:
-            return run_http_load(clients_process, servers[name].url, name, prompts, clients, args.requests, args.new_tokens)
+            return run_http_load(
+                clients_process, servers[name].url, name, prompts, clients, args.requests, args.new_tokens
+            )
         return run_engine_load(engines[name], prompts, clients, args.requests, args.new_tokens)
 
     try:
@@ -364,7 +400,9 @@ def main() -> None:
         results["runs"][name] = {}
         for c in levels:
             runs = sorted(rounds[name][c], key=lambda x: x["tokens_per_s"])
-            results["runs"][name][str(c)] = runs[len(runs) // 2] | {"rounds_tokens_per_s": [x["tokens_per_s"] for x in rounds[name][c]]}
+            results["runs"][name][str(c)] = runs[len(runs) // 2] | {
+                "rounds_tokens_per_s": [x["tokens_per_s"] for x in rounds[name][c]]
+            }
 
     # Decode at batch 1 on the model alone, interleaved rounds, on a worker thread like the engine's
     # (the main thread's OpenMP team behaves differently, see docs/serving.md).
@@ -388,7 +426,9 @@ def main() -> None:
     decode = {name: 1.0 / statistics.median(v) for name, v in steps.items()}
     results["decode_batch1_tokens_per_s"] = decode
 
-    print(f"\n{'model':13s} {'total':>7s} {'active':>7s} {'conc':>5s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'tok p50':>8s} {'tok p99':>8s}")
+    print(
+        f"\n{'model':13s} {'total':>7s} {'active':>7s} {'conc':>5s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'tok p50':>8s} {'tok p99':>8s}"
+    )
     for name in models:
         info = results["models"][name]
         for c in levels:
@@ -398,7 +438,9 @@ def main() -> None:
                 f"{run['ttft_p50_s'] * 1e3:7.1f}ms {run['ttft_p99_s'] * 1e3:7.1f}ms {run['tpot_p50_s'] * 1e3:6.1f}ms {run['tpot_p99_s'] * 1e3:6.1f}ms"
             )
     lo, hi = str(min(levels)), str(max(levels))
-    scaling = {name: results["runs"][name][hi]["tokens_per_s"] / results["runs"][name][lo]["tokens_per_s"] for name in models}
+    scaling = {
+        name: results["runs"][name][hi]["tokens_per_s"] / results["runs"][name][lo]["tokens_per_s"] for name in models
+    }
     results["throughput_scaling"] = scaling
     ratio_active = decode["moe"] / decode["dense-active"]
     ratio_total = decode["moe"] / decode["dense-total"]
@@ -407,7 +449,11 @@ def main() -> None:
         "moe_decode_b1_over_dense_active": ratio_active,
         "moe_decode_b1_over_dense_total": ratio_total,
     }
-    print(f"\nthroughput at concurrency {hi} / {lo}: " + ", ".join(f"{n} {s:.1f}x" for n, s in scaling.items()) + "   (target for the MoE: >= 3x)")
+    print(
+        f"\nthroughput at concurrency {hi} / {lo}: "
+        + ", ".join(f"{n} {s:.1f}x" for n, s in scaling.items())
+        + "   (target for the MoE: >= 3x)"
+    )
     print("decode at batch 1, model alone: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in decode.items()))
     print(f"MoE / dense-active (same active compute): {ratio_active:.2f}x   (target >= 0.95x)")
     print(f"MoE / dense-total (same total parameters): {ratio_total:.2f}x")

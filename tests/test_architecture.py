@@ -55,7 +55,12 @@ def imports() -> list[tuple[str, str, str]]:
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets = [node.module]
                 if node.module == "moelab":  # `from moelab import files` names submodules
-                    targets = [f"moelab.{a.name}" if (PACKAGE / a.name).exists() or (PACKAGE / f"{a.name}.py").exists() else "moelab" for a in node.names]
+                    targets = [
+                        f"moelab.{a.name}"
+                        if (PACKAGE / a.name).exists() or (PACKAGE / f"{a.name}.py").exists()
+                        else "moelab"
+                        for a in node.names
+                    ]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for target in targets:

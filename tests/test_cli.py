@@ -59,7 +59,9 @@ def test_missing_and_empty_data(capsys, tmp_path) -> None:
 def test_corpus_smaller_than_one_batch(capsys, tmp_path) -> None:
     small = tmp_path / "small.txt"
     small.write_text("\n".join(f"line {i} of a very small corpus" for i in range(80)))  # ~2.6 kB
-    code, _, err = run_cli(capsys, "train", *TINY, "--data", str(small), "--set", "train.batch_size=64", "--out", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys, "train", *TINY, "--data", str(small), "--set", "train.batch_size=64", "--out", str(tmp_path / "r")
+    )
     assert_usage_error(code, err, "fewer than one batch")
     assert not (tmp_path / "r").exists()
 
@@ -102,9 +104,13 @@ def test_eval_generate_info_on_a_run(capsys, tiny_run) -> None:
     assert code == 0
     result = json.loads(out)
     assert 0 < result["val_loss"] < 6 and result["step"] == 24
-    code, out, _ = run_cli(capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0")
+    code, out, _ = run_cli(
+        capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0"
+    )
     assert code == 0 and out.startswith("import ")
-    code, again, _ = run_cli(capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0")
+    code, again, _ = run_cli(
+        capsys, "generate", str(tiny_run), "--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0"
+    )
     assert again == out  # greedy is deterministic
     code, out, _ = run_cli(capsys, "info", str(tiny_run), "--json")
     info = json.loads(out)

@@ -53,7 +53,9 @@ def test_presets_load_and_overrides_apply() -> None:
     assert {"small-moe", "small-dense", "tiny"} <= set(names)
     for name in names:
         load_config(preset=name)
-    cfg = load_config(preset="small-moe", overrides=["model.moe.num_experts=16", "train.lr=1e-3", "data.source=/tmp/x.txt"])
+    cfg = load_config(
+        preset="small-moe", overrides=["model.moe.num_experts=16", "train.lr=1e-3", "data.source=/tmp/x.txt"]
+    )
     assert cfg.model.moe.num_experts == 16
     assert cfg.train.lr == 1e-3
     assert cfg.data.source == "/tmp/x.txt"

@@ -15,11 +15,14 @@ from tests.reference import moe_reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(num_experts=8, top_k=2, expert_hidden=32),
-    dict(num_experts=16, top_k=4, expert_hidden=16, num_shared_experts=1, capacity_factor=1.0),
-    dict(num_experts=8, top_k=2, expert_hidden=32, routing="expert_choice"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_experts=8, top_k=2, expert_hidden=32),
+        dict(num_experts=16, top_k=4, expert_hidden=16, num_shared_experts=1, capacity_factor=1.0),
+        dict(num_experts=8, top_k=2, expert_hidden=32, routing="expert_choice"),
+    ],
+)
 def test_moe_on_cuda_matches_float64_reference(kwargs) -> None:
     moe = make_moe(64, seed=0, **kwargs)
     x = fresh_tokens(moe, 96, 64, torch.Generator().manual_seed(1))
@@ -42,7 +45,16 @@ def test_bf16_autocast_uses_grouped_kernel_and_stays_close() -> None:
 
 
 def test_kv_cache_decoding_on_cuda() -> None:
-    cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=48, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32))
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        max_seq_len=48,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).cuda().eval()
     tokens = torch.randint(0, 97, (2, 20), device="cuda")
@@ -51,7 +63,9 @@ def test_kv_cache_decoding_on_cuda() -> None:
         cache = KVCache(cfg, 2, 48, "cuda", torch.float32)
         steps = [model(tokens[:, :5], cache=cache).logits]
         for p in range(5, 20):
-            steps.append(model(tokens[:, p : p + 1], positions_BT=torch.full((2, 1), p, device="cuda"), cache=cache).logits)
+            steps.append(
+                model(tokens[:, p : p + 1], positions_BT=torch.full((2, 1), p, device="cuda"), cache=cache).logits
+            )
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-3, rtol=1e-3)
 
 

@@ -59,7 +59,9 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(
+    model: nn.Module, path: Path, metadata: dict[str, str] | None = None, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """`state`: weights already assembled (distributed training gathers the experts from their
     ranks, moelab.distributed.checkpoint); default: the model's own state."""
     save_file(model_state(model) if state is None else state, str(path), metadata=metadata or {})
@@ -78,7 +80,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(state, strict=False)
 
 

@@ -89,7 +89,12 @@ class MoEConfig:
                 self.capacity_factor,
                 "a number > 0, or none for dropless routing",
             )
-        _check(math.isfinite(self.route_scale) and self.route_scale > 0, f"{prefix}.route_scale", self.route_scale, "a number > 0")
+        _check(
+            math.isfinite(self.route_scale) and self.route_scale > 0,
+            f"{prefix}.route_scale",
+            self.route_scale,
+            "a number > 0",
+        )
         _check(math.isfinite(self.lr_scale) and self.lr_scale > 0, f"{prefix}.lr_scale", self.lr_scale, "a number > 0")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
             value = getattr(self, name)
@@ -190,7 +195,9 @@ class DataConfig:
     glob: str = "*"  # files to read under a directory: comma-separated patterns on the relative path or file name
     jsonl_field: str = "text"
     tokenizer: str = "bpe"  # bpe (trained on the data) | bytes | file (an existing tokenizer.json)
-    tokenizer_file: str = ""  # with tokenizer = "file": its tokenizer.json (a tokenizer_config.json beside it names eos/pad)
+    tokenizer_file: str = (
+        ""  # with tokenizer = "file": its tokenizer.json (a tokenizer_config.json beside it names eos/pad)
+    )
     vocab_size: int = 4096  # BPE vocabulary size (bytes: 256 + special tokens)
     seq_len: int = 256  # training context length
     val_fraction: float = 0.03  # share of documents held out, by a stable hash of their path
@@ -206,7 +213,12 @@ class DataConfig:
             f"one of {TOKENIZER_CHOICES}",
         )
         if self.tokenizer == "file":
-            _check(bool(self.tokenizer_file), f"{prefix}.tokenizer_file", self.tokenizer_file, "the path of a tokenizer.json when data.tokenizer = 'file'")
+            _check(
+                bool(self.tokenizer_file),
+                f"{prefix}.tokenizer_file",
+                self.tokenizer_file,
+                "the path of a tokenizer.json when data.tokenizer = 'file'",
+            )
         _check(self.vocab_size >= 260, f"{prefix}.vocab_size", self.vocab_size, "an integer >= 260")
         _check(self.seq_len >= 2, f"{prefix}.seq_len", self.seq_len, "an integer >= 2")
         _check(
@@ -252,7 +264,12 @@ class TrainConfig:
         for name in ("max_tokens", "sample_tokens", "warmup_steps"):
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", value, "an integer >= 0")
-        _check(self.checkpoint_every >= 0, f"{prefix}.checkpoint_every", self.checkpoint_every, ">= 0 (0 = only at the end)")
+        _check(
+            self.checkpoint_every >= 0,
+            f"{prefix}.checkpoint_every",
+            self.checkpoint_every,
+            ">= 0 (0 = only at the end)",
+        )
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.max_minutes >= 0, f"{prefix}.max_minutes", self.max_minutes, "a number >= 0 (0 = no limit)")
         _check(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a number > 0")
@@ -308,7 +325,12 @@ class MonitorConfig:
         )
         _check(0 < self.dead_share < 1, f"{prefix}.dead_share", self.dead_share, "a fraction in (0, 1)")
         _check(self.persist_intervals >= 1, f"{prefix}.persist_intervals", self.persist_intervals, "an integer >= 1")
-        _check(math.isfinite(self.logit_growth) and self.logit_growth > 0, f"{prefix}.logit_growth", self.logit_growth, "a number > 0")
+        _check(
+            math.isfinite(self.logit_growth) and self.logit_growth > 0,
+            f"{prefix}.logit_growth",
+            self.logit_growth,
+            "a number > 0",
+        )
         for name in ("spike_sigma", "grad_spike_sigma"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"{prefix}.{name}", value, "a number > 0")
@@ -359,7 +381,12 @@ class RunConfig:
         )
         moe = self.model.moe
         # NOTE (distributed): a dense model has no experts to split across ranks.
-        _check(moe is not None or self.parallel.expert == 1, "parallel.expert", self.parallel.expert, "1 for a dense model (expert parallelism needs model.moe)")
+        _check(
+            moe is not None or self.parallel.expert == 1,
+            "parallel.expert",
+            self.parallel.expert,
+            "1 for a dense model (expert parallelism needs model.moe)",
+        )
         if moe is not None and self.parallel.expert > 1:
             _check(
                 moe.num_experts % self.parallel.expert == 0,

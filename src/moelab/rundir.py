@@ -54,7 +54,9 @@ class RunDir:
         if not self.path.is_dir():
             raise MoelabError(f"output path {self.path} is a file; give a directory for --out")
         if self.is_run():
-            raise MoelabError(f"output directory {self.path} holds another run already; continue it with --resume or choose another --out")
+            raise MoelabError(
+                f"output directory {self.path} holds another run already; continue it with --resume or choose another --out"
+            )
         if any(self.path.iterdir()):
             raise MoelabError(f"output directory {self.path} is not empty; choose a new or empty directory for --out")
 

@@ -50,7 +50,9 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys) -> None:
     assert dense["tokens"] == moe["tokens"] == 12288  # same budget in tokens (24 steps of 512)
     assert abs(dense["train_flops_per_token"] - moe["train_flops_per_token"]) / dense["train_flops_per_token"] < 0.01
     assert moe["total_params"] > dense["total_params"]
-    expected = compute_multiplier(dense["curve"]["flops"], dense["curve"]["val_loss"], moe["curve"]["flops"], moe["curve"]["val_loss"])
+    expected = compute_multiplier(
+        dense["curve"]["flops"], dense["curve"]["val_loss"], moe["curve"]["flops"], moe["curve"]["val_loss"]
+    )
     assert moe["compute_multiplier"] == expected
     for name in ("report.html", "loss_vs_flops.png", "loss_vs_time.png"):
         assert (out / name).stat().st_size > 1000
@@ -66,7 +68,24 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_sweep_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "sweep"
-    code = main(["sweep", "--preset", "tiny", "--experts", "1,2,4", "--granularity", "1,2", "--budget", "tokens=4096", "--evals", "2", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "sweep",
+            "--preset",
+            "tiny",
+            "--experts",
+            "1,2,4",
+            "--granularity",
+            "1,2",
+            "--budget",
+            "tokens=4096",
+            "--evals",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "sweep.json").read_text())
     labels = {r["label"] for r in results["rows"]}
@@ -82,7 +101,26 @@ def test_sweep_end_to_end(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_forecast_ladder_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "fc"
-    code = main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--target-params", "1e9", "--target-tokens", "2e10", "--bootstrap", "5", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "forecast",
+            "--preset",
+            "tiny",
+            "--widths",
+            "32,64",
+            "--tokens",
+            "2048,4096,6144",
+            "--target-params",
+            "1e9",
+            "--target-tokens",
+            "2e10",
+            "--bootstrap",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "predicted to" in text and "WARNING: extrapolation" in text
@@ -93,14 +131,37 @@ def test_forecast_ladder_end_to_end(tmp_path, capsys) -> None:
     bt = data["backtest"]
     assert bt["rung"] == "w64-t6.14e+03" and bt["fitted_runs"] == 10
     measured = {p["label"].split("-")[0]: p["loss"] for p in data["points"] if p["label"].endswith("w64-t6.14e+03")}
-    assert bt["measured"] == {"dense": measured["dense"], "moe": measured["moe"], "advantage": measured["dense"] - measured["moe"]}
+    assert bt["measured"] == {
+        "dense": measured["dense"],
+        "moe": measured["moe"],
+        "advantage": measured["dense"] - measured["moe"],
+    }
     for key in ("dense", "moe"):
         assert bt["error_percent"][key] == pytest.approx(100 * (bt["predicted"][key] - measured[key]) / measured[key])
     assert "backtest: the law refitted without rung w64-t6.14e+03 (10 runs)" in text
     assert "Backtest" in (out / "report.html").read_text()
     # a named rung reuses every run and backtests on it
-    assert main(["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--holdout", "w32-t4096",
-                 "--bootstrap", "5", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "forecast",
+                "--preset",
+                "tiny",
+                "--widths",
+                "32,64",
+                "--tokens",
+                "2048,4096,6144",
+                "--holdout",
+                "w32-t4096",
+                "--bootstrap",
+                "5",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "forecast.json").read_text())["backtest"]["rung"] == "w32-t4.1e+03"
 
 
@@ -121,8 +182,15 @@ def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
     from moelab.rundir import RunDir
     from moelab.train.trainer import Trainer
 
-    settings = ["train.schedule=wsd", "train.max_steps=32", "train.warmup_steps=2", "train.eval_every=8",
-                "train.checkpoint_every=8", "train.sample_tokens=0", "train.log_every=1"]
+    settings = [
+        "train.schedule=wsd",
+        "train.max_steps=32",
+        "train.warmup_steps=2",
+        "train.eval_every=8",
+        "train.checkpoint_every=8",
+        "train.sample_tokens=0",
+        "train.log_every=1",
+    ]
     cfg = load_config(preset="tiny", overrides=settings)
     points = cooldown_points(cfg)
     assert points == [(16, 13), (20, 16), (24, 19), (28, 22)]
@@ -133,21 +201,26 @@ def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
     direct = load_config(preset="tiny", overrides=settings + ["train.max_steps=20"])
     result = Trainer(direct, tmp_path / "direct", log=lambda s: None, progress=False).fit()
     assert curve[1][1] == result.val_loss  # exactly the run with a 20-step budget
-    branch_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "runs" / "m-cooldown-20").read_metrics() if "loss" in r]
+    branch_losses = [
+        (r["step"], r["loss"]) for r in RunDir(tmp_path / "runs" / "m-cooldown-20").read_metrics() if "loss" in r
+    ]
     direct_losses = [(r["step"], r["loss"]) for r in RunDir(tmp_path / "direct").read_metrics() if "loss" in r]
     assert branch_losses == direct_losses
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--tune", "lr=abc"], "--tune 'lr=abc'"),
-    (["--tune", "lr="], "--tune 'lr='"),
-    (["--tune", "lr=-1e-3,2e-3"], "--tune 'lr=-1e-3,2e-3'"),
-    (["--seeds", "0"], "--seeds 0"),
-    (["--tune", "--tune-fraction", "0"], "--tune-fraction 0"),
-    (["--tune", "--tune-fraction", "1.5"], "--tune-fraction 1.5"),
-    (["--tune-fraction", "0.5"], "needs --tune"),
-    (["--tune", "decay=0.1,0.2"], "wsd"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--tune", "lr=abc"], "--tune 'lr=abc'"),
+        (["--tune", "lr="], "--tune 'lr='"),
+        (["--tune", "lr=-1e-3,2e-3"], "--tune 'lr=-1e-3,2e-3'"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--tune", "--tune-fraction", "0"], "--tune-fraction 0"),
+        (["--tune", "--tune-fraction", "1.5"], "--tune-fraction 1.5"),
+        (["--tune-fraction", "0.5"], "needs --tune"),
+        (["--tune", "decay=0.1,0.2"], "wsd"),
+    ],
+)
 def test_compare_bad_tuning_and_seeds_write_nothing(tmp_path, capsys, flags, named) -> None:
     out = tmp_path / "cmp"
     assert main(["compare", "--preset", "tiny", "--out", str(out), *flags]) == 2
@@ -163,8 +236,24 @@ def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> No
     import shutil
 
     out = tmp_path / "cmp"
-    argv = ["compare", "--preset", "tiny", "--budget", "tokens=8192", "--evals", "2", "--tune", "lr=2e-3,4e-3",
-            "--tune-fraction", "0.5", "--seeds", "2", "--out", str(out), "--quiet"]
+    argv = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--budget",
+        "tokens=8192",
+        "--evals",
+        "2",
+        "--tune",
+        "lr=2e-3,4e-3",
+        "--tune-fraction",
+        "0.5",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "tuning at 0.5 of the budget" in text and "<- chosen" in text and "2 seeds" in text
@@ -190,12 +279,15 @@ def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> No
     assert again["models"]["tiny"]["loss_gap_seeds"] == results["models"]["tiny"]["loss_gap_seeds"]
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--holdout", "w48-t2048"], "--holdout 'w48-t2048' is not a rung of the ladder"),
-    (["--holdout", "w32-t999"], "is not a rung of the ladder: one of w32-t2.05e+03"),
-    (["--holdout", "largest-ish"], "is not a rung"),
-    (["--tokens", "2048,4096", "--holdout", "w32-t2048"], "at least 5 rungs"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--holdout", "w48-t2048"], "--holdout 'w48-t2048' is not a rung of the ladder"),
+        (["--holdout", "w32-t999"], "is not a rung of the ladder: one of w32-t2.05e+03"),
+        (["--holdout", "largest-ish"], "is not a rung"),
+        (["--tokens", "2048,4096", "--holdout", "w32-t2048"], "at least 5 rungs"),
+    ],
+)
 def test_forecast_bad_holdout_writes_nothing(tmp_path, capsys, flags, named) -> None:
     out = tmp_path / "fc"
     argv = ["forecast", "--preset", "tiny", "--widths", "32,64", "--tokens", "2048,4096,6144", "--out", str(out)]

@@ -28,21 +28,48 @@ COLLAPSED = [0.5, 0.5, 0.0, 0.0]
 def layer_metrics(layer: int, share: list[float], dead: int = 0, max_logit: float = 2.0, full: bool = True) -> dict:
     m = load_metrics([s * 1000 for s in share])
     if full:
-        m.update(tokens=1000.0, effective_experts=effective_experts(share), collapse_score=collapse_score(share, K),
-                 entropy=0.9 * math.log(E), marginal_entropy=entropy(share), z_loss=1.5, max_logit=max_logit,
-                 dropped_frac=0.0, weight_norm=[1.0] * E, grad_norm=[0.1] * E, similarity_max=0.05,
-                 similarity_mean=0.0, similarity_pair=[0, 1], starved=dead, dead=dead, dead_experts=list(range(dead)))
+        m.update(
+            tokens=1000.0,
+            effective_experts=effective_experts(share),
+            collapse_score=collapse_score(share, K),
+            entropy=0.9 * math.log(E),
+            marginal_entropy=entropy(share),
+            z_loss=1.5,
+            max_logit=max_logit,
+            dropped_frac=0.0,
+            weight_norm=[1.0] * E,
+            grad_norm=[0.1] * E,
+            similarity_max=0.05,
+            similarity_mean=0.0,
+            similarity_pair=[0, 1],
+            starved=dead,
+            dead=dead,
+            dead_experts=list(range(dead)),
+        )
     return {f"router.{layer}.{k}": v for k, v in m.items()}
 
 
 def interval(step: int, shares: dict[int, list[float]], loss: float | None = None, **kw) -> dict:
-    row = {"step": step, "tokens": step * 512, "loss": 5.0 - step / 100 if loss is None else loss, "grad_norm": 0.5, "lr": 1e-3}
+    row = {
+        "step": step,
+        "tokens": step * 512,
+        "loss": 5.0 - step / 100 if loss is None else loss,
+        "grad_norm": 0.5,
+        "lr": 1e-3,
+    }
     for layer, share in shares.items():
         row.update(layer_metrics(layer, share, **kw))
     return row
 
 
-def make_run(tmp_path, name: str, rows: list[dict], alerts: list[dict] | None = None, dense: bool = False, summary: dict | None = None):
+def make_run(
+    tmp_path,
+    name: str,
+    rows: list[dict],
+    alerts: list[dict] | None = None,
+    dense: bool = False,
+    summary: dict | None = None,
+):
     cfg = load_config(preset="tiny", overrides=["model.moe=none"] if dense else [])
     run = RunDir(tmp_path / name)
     run.create(cfg)
@@ -69,7 +96,13 @@ def test_healthy_run(tmp_path) -> None:
 
 def test_collapsed_layer_is_named_with_the_alert_step(tmp_path) -> None:
     rows = [interval(s, {0: BALANCED, 1: BALANCED if s <= 40 else COLLAPSED}, dead=0) for s in steps()]
-    alert = {"step": 65, "rule": "collapse", "action": "warn", "layer": 1, "message": "layer 1: routing collapsed onto 2.0 effective experts of 4"}
+    alert = {
+        "step": 65,
+        "rule": "collapse",
+        "action": "warn",
+        "layer": 1,
+        "message": "layer 1: routing collapsed onto 2.0 effective experts of 4",
+    }
     d = diagnose(make_run(tmp_path, "bad", rows, [alert]))
     assert d.status == "collapsed"
     assert [ld.status for ld in d.layers] == ["healthy", "collapsed"]
@@ -79,7 +112,9 @@ def test_collapsed_layer_is_named_with_the_alert_step(tmp_path) -> None:
 
 
 def test_dead_experts_at_the_end_and_a_recovered_collapse_are_degraded(tmp_path) -> None:
-    rows = [interval(s, {0: BALANCED}) for s in steps(10)] + [interval(s, {0: [0.3, 0.3, 0.38, 0.02]}, dead=1) for s in range(55, 101, 5)]
+    rows = [interval(s, {0: BALANCED}) for s in steps(10)] + [
+        interval(s, {0: [0.3, 0.3, 0.38, 0.02]}, dead=1) for s in range(55, 101, 5)
+    ]
     d = diagnose(make_run(tmp_path, "dead", rows))
     assert d.status == "degraded" and "1 dead expert at the end" in d.verdict
     rows = [interval(s, {0: BALANCED, 1: BALANCED}) for s in steps()]
@@ -96,14 +131,27 @@ def test_logit_growth_at_the_end_is_degraded(tmp_path) -> None:
 
 
 def test_rollbacks_undo_intervals_and_are_reported(tmp_path) -> None:
-    rows = [interval(5, {0: BALANCED}), interval(10, {0: BALANCED}), {"step": 10, "val_loss": 4.0}, interval(15, {0: BALANCED}, loss=9.0),
-            {"step": 17, "event": "alert", "rule": "nan", "action": "rollback", "message": "non-finite loss at step 17"},
-            {"step": 17, "event": "rollback", "to_step": 10, "rule": "nan"},
-            interval(15, {0: BALANCED}, loss=4.8), interval(20, {0: BALANCED})]
+    rows = [
+        interval(5, {0: BALANCED}),
+        interval(10, {0: BALANCED}),
+        {"step": 10, "val_loss": 4.0},
+        interval(15, {0: BALANCED}, loss=9.0),
+        {"step": 17, "event": "alert", "rule": "nan", "action": "rollback", "message": "non-finite loss at step 17"},
+        {"step": 17, "event": "rollback", "to_step": 10, "rule": "nan"},
+        interval(15, {0: BALANCED}, loss=4.8),
+        interval(20, {0: BALANCED}),
+    ]
     train, evals, alerts, rollbacks, stops, abandoned = split_metrics(rows)
     assert [r["step"] for r in train] == [5, 10, 15, 20] and train[2]["loss"] == 4.8
     assert [r["loss"] for r in abandoned] == [9.0] and len(evals) == 1 and len(alerts) == 1 and stops == []
-    d = diagnose(make_run(tmp_path, "rolled", rows, [{"step": 17, "rule": "nan", "action": "rollback", "message": "non-finite loss at step 17"}]))
+    d = diagnose(
+        make_run(
+            tmp_path,
+            "rolled",
+            rows,
+            [{"step": 17, "rule": "nan", "action": "rollback", "message": "non-finite loss at step 17"}],
+        )
+    )
     assert d.status == "degraded"
     assert "1 non-finite step (first at step 17), 1 rollback" in d.verdict
     html = write_report(d.run).read_text()
@@ -111,17 +159,28 @@ def test_rollbacks_undo_intervals_and_are_reported(tmp_path) -> None:
 
 
 def test_report_is_self_contained_with_every_plot(tmp_path) -> None:
-    rows = [{"step": 0, "val_loss": 5.5}] + [interval(s, {0: BALANCED, 1: COLLAPSED if s > 50 else BALANCED}) for s in steps()]
+    rows = [{"step": 0, "val_loss": 5.5}] + [
+        interval(s, {0: BALANCED, 1: COLLAPSED if s > 50 else BALANCED}) for s in steps()
+    ]
     rows.insert(8, {"step": 40, "val_loss": 4.6})
-    alerts = [{"step": 75, "rule": "collapse", "action": "warn", "layer": 1, "message": "layer 1: collapsed <b>"},
-              {"step": 33, "rule": "loss_spike", "action": "warn", "message": "loss spike at step 33", "value": 6.0, "threshold": 5.0}]
+    alerts = [
+        {"step": 75, "rule": "collapse", "action": "warn", "layer": 1, "message": "layer 1: collapsed <b>"},
+        {
+            "step": 33,
+            "rule": "loss_spike",
+            "action": "warn",
+            "message": "loss spike at step 33",
+            "value": 6.0,
+            "threshold": 5.0,
+        },
+    ]
     run = make_run(tmp_path, "report", rows, alerts, summary={"step": 100, "val_loss": 4.2, "stopped_by": "max_steps"})
     path = write_report(run)
     assert path == run / "diagnose.html"
     html = path.read_text()
     assert html.count("data:image/png;base64,") == 6  # loss, one heatmap figure, balance, entropy, logits, experts
     assert "COLLAPSED" in html and "loss spike at step 33" in html and "&lt;b&gt;" in html  # escaped
-    assert "src=\"http" not in html and "<script" not in html  # nothing to fetch
+    assert 'src="http' not in html and "<script" not in html  # nothing to fetch
     other = write_report(run, tmp_path / "elsewhere.html")
     assert other.is_file()
 
@@ -143,9 +202,19 @@ def test_run_written_before_the_current_rules(tmp_path) -> None:
         row = {"step": s, "loss": 4.0, "grad_norm": 0.5}
         row.update(layer_metrics(0, COLLAPSED if s > 30 else BALANCED, full=False))
         rows.append(row)
-    rows.append({"step": 45, "event": "alert", "rule": "collapse", "action": "warn", "message": "layer 0: routing collapsed, max/mean expert load 2.00"})
+    rows.append(
+        {
+            "step": 45,
+            "event": "alert",
+            "rule": "collapse",
+            "action": "warn",
+            "message": "layer 0: routing collapsed, max/mean expert load 2.00",
+        }
+    )
     run = make_run(tmp_path, "old", rows)
-    config = (run / "config.toml").read_text().replace("persist_intervals = 5", "retired_setting = 3\npersist_intervals = 2")
+    config = (
+        (run / "config.toml").read_text().replace("persist_intervals = 5", "retired_setting = 3\npersist_intervals = 2")
+    )
     (run / "config.toml").write_text(config)
     d = diagnose(run)
     assert d.info.monitor.persist_intervals == 2
@@ -175,7 +244,11 @@ def test_runs_without_metrics(tmp_path) -> None:
     (run / "metrics.jsonl").unlink()
     with pytest.raises(MoelabError, match="has no metrics.jsonl yet"):
         diagnose(run)
-    run = make_run(tmp_path, "events-only", [{"step": 3, "event": "alert", "rule": "nan", "action": "warn", "message": "x"}, {"not": "a metric"}])
+    run = make_run(
+        tmp_path,
+        "events-only",
+        [{"step": 3, "event": "alert", "rule": "nan", "action": "warn", "message": "x"}, {"not": "a metric"}],
+    )
     with pytest.raises(MoelabError, match="no training interval or evaluation"):
         diagnose(run)
     (run / "config.toml").write_text("[model\n")

@@ -67,7 +67,9 @@ def test_multiplier_interval_covers_the_true_multiplier_on_noisy_seeded_curves()
                 moe = moe_clean + 0.003 * rng.standard_normal()
                 mults.append(compute_multiplier(list(flops), list(dense), list(flops), list(moe)))
             iv = multiplier_interval(mults)
-            hits.append(iv.lo <= truth <= (math.inf if iv.hi is None else iv.hi))  # None: not reached by a seed, unbounded
+            hits.append(
+                iv.lo <= truth <= (math.inf if iv.hi is None else iv.hi)
+            )  # None: not reached by a seed, unbounded
         # standard error 0.0056; the multiplier is a smooth function of the offsets, nearly log-normal
         assert coverage(hits) == pytest.approx(0.95, abs=0.03), n
 
@@ -91,16 +93,25 @@ def test_judge_gap_follows_the_interval() -> None:
 
 def _results(gaps: list[float], mults: list[float | None]) -> dict:
     gap, mult = mean_interval(gaps), multiplier_interval(mults)
-    return {"models": {
-        "dense": {"val_loss": 3.0},
-        "moe": {"val_loss": 3.0 + gap.mean, "loss_gap": gap.mean, "loss_gap_interval": gap.to_dict(),
-                "compute_multiplier": mult.mean if math.isfinite(mult.mean) else None, "compute_multiplier_interval": mult.to_dict()},
-    }}
+    return {
+        "models": {
+            "dense": {"val_loss": 3.0},
+            "moe": {
+                "val_loss": 3.0 + gap.mean,
+                "loss_gap": gap.mean,
+                "loss_gap_interval": gap.to_dict(),
+                "compute_multiplier": mult.mean if math.isfinite(mult.mean) else None,
+                "compute_multiplier_interval": mult.to_dict(),
+            },
+        }
+    }
 
 
 def test_verdict_text_follows_the_interval() -> None:
     win = verdicts(_results([-0.10, -0.12, -0.11], [0.70, 0.72, 0.71]))["moe"]
-    assert win["kind"] == "good" and "WINS" in win["text"] and "95% interval" in win["text"] and "3 seeds" in win["text"]
+    assert (
+        win["kind"] == "good" and "WINS" in win["text"] and "95% interval" in win["text"] and "3 seeds" in win["text"]
+    )
     lose = verdicts(_results([0.18, 0.20, 0.19], [None, None, None]))["moe"]
     assert lose["kind"] == "bad" and "LOSES" in lose["text"]
     # the same mean gap as a win, but too noisy: no verdict

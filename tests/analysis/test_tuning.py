@@ -26,19 +26,22 @@ def test_parse_and_default_grid() -> None:
     assert len(grid_points(spec.grid_for(cfg))) == 6
 
 
-@pytest.mark.parametrize("spec, fraction, message", [
-    (["lr=abc"], 0.25, "--tune 'lr=abc'"),
-    (["lr="], 0.25, "--tune 'lr='"),
-    (["lr=1e-3,-2e-3"], 0.25, "learning rates > 0"),
-    (["lr=0"], 0.25, "learning rates > 0"),
-    (["batch=1.5"], 0.25, "batch sizes"),
-    (["decay=1.5"], 0.25, "decay fractions in (0, 1]"),
-    (["momentum=0.9"], 0.25, "name one of lr, batch, decay"),
-    (["lr=1e-3", "lr=2e-3"], 0.25, "given twice"),
-    ([""], 0.0, "--tune-fraction"),
-    ([""], 1.5, "--tune-fraction"),
-    ([""], math.nan, "--tune-fraction"),
-])
+@pytest.mark.parametrize(
+    "spec, fraction, message",
+    [
+        (["lr=abc"], 0.25, "--tune 'lr=abc'"),
+        (["lr="], 0.25, "--tune 'lr='"),
+        (["lr=1e-3,-2e-3"], 0.25, "learning rates > 0"),
+        (["lr=0"], 0.25, "learning rates > 0"),
+        (["batch=1.5"], 0.25, "batch sizes"),
+        (["decay=1.5"], 0.25, "decay fractions in (0, 1]"),
+        (["momentum=0.9"], 0.25, "name one of lr, batch, decay"),
+        (["lr=1e-3", "lr=2e-3"], 0.25, "given twice"),
+        ([""], 0.0, "--tune-fraction"),
+        ([""], 1.5, "--tune-fraction"),
+        ([""], math.nan, "--tune-fraction"),
+    ],
+)
 def test_bad_grids_are_refused(spec, fraction, message) -> None:
     with pytest.raises(MoelabError) as err:
         TuneSpec.parse(spec, fraction)
@@ -95,9 +98,19 @@ class SyntheticTrainer:
         flops = [1e9 * (s + 1) for s in steps]
         losses = [final + 2.0 * ((s + 1) ** -0.5 - (steps[-1] + 1) ** -0.5) for s in steps]
         self.curves[str(run)] = (flops, [float(s) for s in steps], losses)
-        return {"val_loss": final, "step": cfg.train.max_steps, "stopped_by": "max_steps", "params": {"total": 1, "active": 1},
-                "train_flops_per_token": 1.0, "flops": flops[-1], "tokens": 1, "tokens_per_s": 1.0, "train_s": 1.0,
-                "wall_s": 1.0, "peak_memory_bytes": 1}
+        return {
+            "val_loss": final,
+            "step": cfg.train.max_steps,
+            "stopped_by": "max_steps",
+            "params": {"total": 1, "active": 1},
+            "train_flops_per_token": 1.0,
+            "flops": flops[-1],
+            "tokens": 1,
+            "tokens_per_s": 1.0,
+            "train_s": 1.0,
+            "wall_s": 1.0,
+            "peak_memory_bytes": 1,
+        }
 
 
 @pytest.fixture
@@ -109,6 +122,7 @@ def synthetic(monkeypatch):
         monkeypatch.setattr(compare_mod, "eval_curve", lambda run: trainer.curves[str(run)])
         monkeypatch.setattr(compare_mod, "inference_tokens_per_s", lambda run: 1.0)
         return trainer
+
     return install
 
 
@@ -117,11 +131,21 @@ def test_each_arm_runs_its_finals_at_its_own_optimum(tmp_path, synthetic) -> Non
     cfg = load_config(preset="tiny")
     trainer = synthetic({"dense": 8e-3, "moe": 2e-3}, gap=-0.05, noise=0.002)
     spec = TuneSpec.parse(["lr=1e-3,2e-3,4e-3,8e-3,1.6e-2"], 0.25)
-    results = compare([("moe", cfg)], tmp_path / "c", compare_mod.Budget("tokens", 16384), tune=spec, seeds=3, log=lambda s: None, progress=False)
+    results = compare(
+        [("moe", cfg)],
+        tmp_path / "c",
+        compare_mod.Budget("tokens", 16384),
+        tune=spec,
+        seeds=3,
+        log=lambda s: None,
+        progress=False,
+    )
     tuning_runs = [t for t in trainer.trained if t[3] == 8]  # 0.25 of 32 steps
     assert len(tuning_runs) == 10 and {t[2] for t in tuning_runs} == {0}
     finals = [t for t in trainer.trained if t[3] == 32]
-    assert sorted((a, lr, s) for a, lr, s, _ in finals) == sorted([("dense", 8e-3, s) for s in (0, 1, 2)] + [("moe", 2e-3, s) for s in (0, 1, 2)])
+    assert sorted((a, lr, s) for a, lr, s, _ in finals) == sorted(
+        [("dense", 8e-3, s) for s in (0, 1, 2)] + [("moe", 2e-3, s) for s in (0, 1, 2)]
+    )
     assert results["tuning"]["dense"]["best"] == {"lr": 8e-3} and results["tuning"]["moe"]["best"] == {"lr": 2e-3}
     assert not results["caveats"]
     moe = results["models"]["moe"]
@@ -141,8 +165,17 @@ def test_each_arm_runs_its_finals_at_its_own_optimum(tmp_path, synthetic) -> Non
 def test_a_shared_setting_is_reported_as_untuned_and_an_edge_optimum_warns(tmp_path, synthetic) -> None:
     cfg = load_config(preset="tiny")
     synthetic({"dense": 8e-3, "moe": 8e-3}, gap=0.0, noise=0.0)
-    results = compare([("moe", cfg)], tmp_path / "u", compare_mod.Budget("tokens", 16384), log=lambda s: None, progress=False)
+    results = compare(
+        [("moe", cfg)], tmp_path / "u", compare_mod.Budget("tokens", 16384), log=lambda s: None, progress=False
+    )
     assert any(c.startswith("Untuned") for c in results["caveats"]) and any("One seed" in c for c in results["caveats"])
     spec = TuneSpec.parse(["lr=1e-3,2e-3"], 0.5)
-    results = compare([("moe", cfg)], tmp_path / "e", compare_mod.Budget("tokens", 16384), tune=spec, log=lambda s: None, progress=False)
+    results = compare(
+        [("moe", cfg)],
+        tmp_path / "e",
+        compare_mod.Budget("tokens", 16384),
+        tune=spec,
+        log=lambda s: None,
+        progress=False,
+    )
     assert sum("largest value" in c for c in results["caveats"]) == 2

@@ -37,7 +37,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+        )
         out = fn(rank, world, *args)
         results.put((rank, "ok", out))
     except BaseException:  # report every failure to the parent, which fails the test
@@ -55,7 +57,9 @@ def run_workers(fn: Callable, world: int, *args: Any, timeout: float = 180.0) ->
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the children at start
     try:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results), daemon=True) for r in range(world)]
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, fn, args, results), daemon=True) for r in range(world)
+        ]
         for p in procs:
             p.start()
     finally:
@@ -99,9 +103,22 @@ def run_workers(fn: Callable, world: int, *args: Any, timeout: float = 180.0) ->
 def torchrun(args: list[str], nproc: int, timeout: float = 240.0) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node nproc ARGS` on 127.0.0.1, one thread per worker. On a timeout the
     whole process group it started (the launcher and its workers) is stopped and the test fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -82,16 +82,42 @@ def test_all_to_all_gradient_is_the_reverse_all_to_all(two_processes) -> None:
 # One MoE layer: expert parallel over the ranks vs one process on every rank's tokens together
 
 LAYER_CASES = {
-    "softmax top-2, aux + z-loss, grouped_mm": (dict(num_experts=4, top_k=2, expert_hidden=32, aux_loss_coef=0.01, z_loss_coef=0.001), "grouped_mm", None),
-    "softmax top-2, padded": (dict(num_experts=4, top_k=2, expert_hidden=32, aux_loss_coef=0.01, z_loss_coef=0.001), "padded", None),
+    "softmax top-2, aux + z-loss, grouped_mm": (
+        dict(num_experts=4, top_k=2, expert_hidden=32, aux_loss_coef=0.01, z_loss_coef=0.001),
+        "grouped_mm",
+        None,
+    ),
+    "softmax top-2, padded": (
+        dict(num_experts=4, top_k=2, expert_hidden=32, aux_loss_coef=0.01, z_loss_coef=0.001),
+        "padded",
+        None,
+    ),
     "sigmoid, bias balancing, gated shared expert, 8 experts": (
-        dict(num_experts=8, top_k=2, expert_hidden=24, scoring="sigmoid", bias_update_rate=0.05, num_shared_experts=1, shared_expert_gate=True, route_scale=2.0, aux_loss_coef=0.02),
+        dict(
+            num_experts=8,
+            top_k=2,
+            expert_hidden=24,
+            scoring="sigmoid",
+            bias_update_rate=0.05,
+            num_shared_experts=1,
+            shared_expert_gate=True,
+            route_scale=2.0,
+            aux_loss_coef=0.02,
+        ),
         "auto",
         [0.3, -0.2, 0.1, 0.0, -0.4, 0.2, 0.0, 0.05],
     ),
-    "top-1, no renormalisation": (dict(num_experts=4, top_k=1, expert_hidden=32, renormalize=False, aux_loss_coef=0.01), "auto", None),
+    "top-1, no renormalisation": (
+        dict(num_experts=4, top_k=1, expert_hidden=32, renormalize=False, aux_loss_coef=0.01),
+        "auto",
+        None,
+    ),
     # every token picks rank 0's experts: rank 1 receives no slot at all (empty all-to-all parts)
-    "all slots on one rank": (dict(num_experts=4, top_k=2, expert_hidden=32, bias_update_rate=1e-6, aux_loss_coef=0.01), "auto", [0.0, 0.0, -1e4, -1e4]),
+    "all slots on one rank": (
+        dict(num_experts=4, top_k=2, expert_hidden=32, bias_update_rate=1e-6, aux_loss_coef=0.01),
+        "auto",
+        [0.0, 0.0, -1e4, -1e4],
+    ),
 }
 
 
@@ -174,7 +200,9 @@ def test_expert_parallel_layer_equals_one_process_on_the_global_batch(two_proces
 # With a capacity (or expert choice), each rank routes its own micro-batch, as plain data
 # parallelism does: expert parallelism must then equal the full layer on the rank's own tokens.
 LOCAL_CASES = {
-    "token choice with capacity 1.0": dict(num_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.0, aux_loss_coef=0.0),
+    "token choice with capacity 1.0": dict(
+        num_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.0, aux_loss_coef=0.0
+    ),
     "expert choice": dict(num_experts=4, top_k=2, expert_hidden=32, routing="expert_choice", aux_loss_coef=0.0),
 }
 
@@ -196,7 +224,11 @@ def _local_worker(rank: int, world: int) -> dict:
         ((y1[0] * u).sum() + aux1).backward()
         y2, aux2 = ep(x2[None])
         ((y2[0] * u).sum() + aux2).backward()
-        diffs = {"output": _max_diff(y2, y1.detach()), "input_grad": _max_diff(x2.grad, x1.grad), "router grad": _max_diff(ep.router.weight.grad, full.router.weight.grad)}
+        diffs = {
+            "output": _max_diff(y2, y1.detach()),
+            "input_grad": _max_diff(x2.grad, x1.grad),
+            "router grad": _max_diff(ep.router.weight.grad, full.router.weight.grad),
+        }
         # an expert's gradient gathers every rank's tokens: the sum of the ranks' local gradients
         for attr in ("gate_up_proj", "down_proj"):
             g = getattr(full.experts, attr).grad.clone()
@@ -220,9 +252,24 @@ def test_expert_parallel_with_capacity_routes_each_ranks_batch_like_data_paralle
 
 
 def _run_config(world: int, expert: int) -> RunConfig:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, aux_loss_coef=0.01, z_loss_coef=0.001, bias_update_rate=0.01, num_shared_experts=1)
-    model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16, moe=moe)
-    cfg = RunConfig(model=model, data=DataConfig(seq_len=12), train=TrainConfig(batch_size=2 * world), parallel=ParallelConfig(expert=expert))
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_hidden=32,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+        bias_update_rate=0.01,
+        num_shared_experts=1,
+    )
+    model = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16, moe=moe
+    )
+    cfg = RunConfig(
+        model=model,
+        data=DataConfig(seq_len=12),
+        train=TrainConfig(batch_size=2 * world),
+        parallel=ParallelConfig(expert=expert),
+    )
     return cfg.validate()
 
 
@@ -266,12 +313,18 @@ def _model_worker(rank: int, world: int, expert: int, steps: int) -> dict:
         note("grad_norm", abs(norm - norm_ref))
         for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
             g = gather_rows(p.grad, d.expert_group, expert, dst_global=None) if name in sharded else p.grad
-            note("grad " + name.split(".", 2)[-1] if name.startswith("blocks.") else "grad " + name, _max_diff(g, p_ref.grad))
+            note(
+                "grad " + name.split(".", 2)[-1] if name.startswith("blocks.") else "grad " + name,
+                _max_diff(g, p_ref.grad),
+            )
         health = d.router_health(model, with_similarity=True)
         health_ref = router_health(ref, ref.router_stats(), True)
         assert health.keys() == health_ref.keys()
         for key, value in health_ref.items():
-            note("health " + key.split(".", 2)[-1], _max_diff(torch.tensor(health[key], dtype=torch.float64), torch.tensor(value, dtype=torch.float64)))
+            note(
+                "health " + key.split(".", 2)[-1],
+                _max_diff(torch.tensor(health[key], dtype=torch.float64), torch.tensor(value, dtype=torch.float64)),
+            )
         opt_ref.step(), opt.step()
         opt_ref.zero_grad(), opt.zero_grad()
         ref.update_router_biases()
@@ -279,7 +332,12 @@ def _model_worker(rank: int, world: int, expert: int, steps: int) -> dict:
     for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
         w = gather_rows(p, d.expert_group, expert, dst_global=None) if name in sharded else p.detach()
         note("weights after steps", _max_diff(w, p_ref.detach()))
-    note("expert_bias after steps", max(_max_diff(a.router.expert_bias, b.router.expert_bias) for a, b in zip(model.moe_layers(), ref.moe_layers())))
+    note(
+        "expert_bias after steps",
+        max(
+            _max_diff(a.router.expert_bias, b.router.expert_bias) for a, b in zip(model.moe_layers(), ref.moe_layers())
+        ),
+    )
     return diffs
 
 

@@ -30,8 +30,18 @@ def tiny(*overrides: str):
 @pytest.mark.parametrize(
     "overrides,world,device,message",
     [
-        (["parallel.expert=2"], 1, "cpu", "the world size 1 is not a multiple of parallel.expert = 2: launch with torchrun"),
-        (["model.moe.num_experts=8", "parallel.expert=4"], 2, "cpu", "the world size 2 is not a multiple of parallel.expert = 4"),
+        (
+            ["parallel.expert=2"],
+            1,
+            "cpu",
+            "the world size 1 is not a multiple of parallel.expert = 2: launch with torchrun",
+        ),
+        (
+            ["model.moe.num_experts=8", "parallel.expert=4"],
+            2,
+            "cpu",
+            "the world size 2 is not a multiple of parallel.expert = 4",
+        ),
         (["train.batch_size=6"], 4, "cpu", "train.batch_size = 6 is the global batch"),
         (["parallel.backend=nccl"], 2, "cpu", "parallel.backend = 'nccl' needs CUDA devices"),
     ],
@@ -42,7 +52,9 @@ def test_impossible_layouts_are_refused_with_the_setting_to_change(overrides, wo
 
 
 def test_config_refuses_experts_that_do_not_split_and_expert_parallel_dense_models() -> None:
-    with pytest.raises(ConfigError, match=r"parallel\.expert = 3 is not allowed: a divisor of model\.moe\.num_experts \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"parallel\.expert = 3 is not allowed: a divisor of model\.moe\.num_experts \(4\)"
+    ):
         tiny("parallel.expert=3")
     with pytest.raises(ConfigError, match=r"parallel\.expert = 2 is not allowed: 1 for a dense model"):
         load_config(preset="small-dense", overrides=["parallel.expert=2"])
@@ -82,7 +94,16 @@ def test_ranks_read_together_exactly_the_batches_of_one_process_across_epochs() 
 def test_loader_state_moves_between_world_sizes() -> None:
     layout2 = Layout(world=2, rank=1, local_rank=1, expert=1, num_experts=4)
     layout1 = Layout(world=1, rank=0, local_rank=0, expert=1, num_experts=4)
-    saved_by_one = {"epoch": 3, "index": 16, "seed": 0, "num_windows": 100, "batch_size": 8, "seq_len": 64, "rank": 0, "world": 1}
+    saved_by_one = {
+        "epoch": 3,
+        "index": 16,
+        "seed": 0,
+        "num_windows": 100,
+        "batch_size": 8,
+        "seq_len": 64,
+        "rank": 0,
+        "world": 1,
+    }
     # 1 -> 2: the same global position, half the batch each
     state = rank_loader_state({"loader": saved_by_one}, 4, layout2)
     assert (state["epoch"], state["index"], state["batch_size"], state["world"], state["rank"]) == (3, 8, 4, 2, 1)

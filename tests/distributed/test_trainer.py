@@ -125,15 +125,35 @@ def test_one_process_checkpoint_resumes_on_two_and_data_parallel_matches(referen
 @pytest.mark.slow
 def test_torchrun_bad_layout_fails_every_rank_with_one_message(tmp_path) -> None:
     run = tmp_path / "bad"
-    proc = torchrun(["-m", "moelab", "train", "--preset", "tiny", "--out", str(run), "--set", "model.moe.num_experts=8", "--set", "parallel.expert=4"], nproc=2, timeout=120)
+    proc = torchrun(
+        [
+            "-m",
+            "moelab",
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(run),
+            "--set",
+            "model.moe.num_experts=8",
+            "--set",
+            "parallel.expert=4",
+        ],
+        nproc=2,
+        timeout=120,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("moelab: error:")]
-    assert errors == ["moelab: error: the world size 2 is not a multiple of parallel.expert = 4: launch a multiple of it"], proc.stderr[-2000:]
+    assert errors == [
+        "moelab: error: the world size 2 is not a multiple of parallel.expert = 4: launch a multiple of it"
+    ], proc.stderr[-2000:]
     assert not run.exists()  # no process started any work
 
 
 def test_expert_parallelism_without_torchrun_says_how_to_launch(tmp_path, capsys) -> None:
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "parallel.expert=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["moelab: error: the world size 1 is not a multiple of parallel.expert = 2: launch with torchrun --nproc-per-node N (N a multiple of it)"]
+    assert err == [
+        "moelab: error: the world size 1 is not a multiple of parallel.expert = 2: launch with torchrun --nproc-per-node N (N a multiple of it)"
+    ]
     assert not (tmp_path / "x").exists()

@@ -17,10 +17,16 @@ CONVERSATION = [
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
 def test_ids_equal_the_rendered_template(kind: str) -> None:
-    tokenizer = bytes_tokenizer() if kind == "bytes" else train_bpe(iter(["sorted(xs) in place please " * 30, "def answer(): return 42\n" * 30]), 320)
+    tokenizer = (
+        bytes_tokenizer()
+        if kind == "bytes"
+        else train_bpe(iter(["sorted(xs) in place please " * 30, "def answer(): return 42\n" * 30]), 320)
+    )
     encoder = ChatEncoder(tokenizer)
     assert encoder.encode(CONVERSATION) == tokenizer.encode(render_chat(CONVERSATION))
-    assert encoder.encode(CONVERSATION, add_generation_prompt=False) == tokenizer.encode(render_chat(CONVERSATION, add_generation_prompt=False))
+    assert encoder.encode(CONVERSATION, add_generation_prompt=False) == tokenizer.encode(
+        render_chat(CONVERSATION, add_generation_prompt=False)
+    )
     assert render_chat(CONVERSATION).endswith("<|im_start|>assistant\n")
 
 

@@ -86,16 +86,29 @@ def test_chat_session_replies_like_the_reference_and_keeps_history(tiny) -> None
         session.repl(lambda prompt: next(script), written.append)
     system = [{"role": "system", "content": "Hi."}]  # 13 tokens: the second turn still fits in 64
     first = reference(system + [{"role": "user", "content": "hi"}])
-    second = reference(system + [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first}, {"role": "user", "content": "more"}])
+    second = reference(
+        system
+        + [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "more"},
+        ]
+    )
     after_reset = reference(system + [{"role": "user", "content": "again"}])
-    assert "".join(written) == f"assistant> {first}\nassistant> {second}\n[new conversation]\nassistant> {after_reset}\n"
+    assert (
+        "".join(written) == f"assistant> {first}\nassistant> {second}\n[new conversation]\nassistant> {after_reset}\n"
+    )
     assert next(script) == "never read"  # /exit ended the session
 
 
 def test_chat_drops_the_oldest_turns_to_fit_the_context(tiny) -> None:
     with Engine(tiny.model, tiny.tokenizer, EngineConfig(max_batch=1)) as engine:
         session = ChatSession(engine, ChatEncoder(tiny.tokenizer), GREEDY, 4, None, None)
-        session.turns = [{"role": "user", "content": "a" * 20}, {"role": "assistant", "content": "b" * 20}, {"role": "user", "content": "c"}]
+        session.turns = [
+            {"role": "user", "content": "a" * 20},
+            {"role": "assistant", "content": "b" * 20},
+            {"role": "user", "content": "c"},
+        ]
         ids = session.prompt_ids()
         assert [t["content"] for t in session.turns] == ["c"] and len(ids) < engine.context
         session.turns.append({"role": "assistant", "content": "d"})
@@ -143,14 +156,28 @@ def first_match(stream, pattern: str, timeout: float) -> str | None:
 def test_serve_command_end_to_end(tiny_run) -> None:
     """`moelab serve` as its own process: listens at once, loads, answers, stops on Ctrl-C."""
     env = {**os.environ, "MOELAB_API_KEY": "k", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    command = [sys.executable, "-m", "moelab", "serve", str(tiny_run), "--port", "0", "--model-name", "m", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "moelab",
+        "serve",
+        str(tiny_run),
+        "--port",
+        "0",
+        "--model-name",
+        "m",
+        "--device",
+        "cpu",
+    ]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
         url = first_match(process.stderr, r"listening on (http://\S+);", timeout=120)
         assert url, "the server never said where it listens"
         wait_for(lambda: httpx.get(url + "/health").status_code == 200, timeout=120, what="the model to load")
         api = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
-        reply = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        reply = api.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        )
         assert reply.usage.completion_tokens <= 3 and reply.choices[0].finish_reason in ("stop", "length")
     finally:
         process.send_signal(signal.SIGINT)

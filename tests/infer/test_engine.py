@@ -28,7 +28,9 @@ NUCLEUS = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
 
 
 def request(tokenizer, prompt: str, max_tokens: int, params=SAMPLED, **kwargs) -> Request:
-    return Request((tuple(tokenizer.encode(prompt)),), max_tokens, params, stop_token_ids=frozenset({tokenizer.eos_id}), **kwargs)
+    return Request(
+        (tuple(tokenizer.encode(prompt)),), max_tokens, params, stop_token_ids=frozenset({tokenizer.eos_id}), **kwargs
+    )
 
 
 def reference(tiny, prompt: str, max_tokens: int, params=SAMPLED, seed: int | None = None, **kwargs) -> str:
@@ -76,7 +78,16 @@ class Collector:
 def test_batched_queued_requests_equal_single_request_generation(tiny) -> None:
     """Eight requests of different lengths, settings and budgets through four cache rows: some wait
     in the queue, rows are freed and refilled in the middle of others' decoding."""
-    prompts = ["def ", "import os\n", "class A:\n    ", "x", "return self.", "for i in range(", "# comment\n", "if __name__"]
+    prompts = [
+        "def ",
+        "import os\n",
+        "class A:\n    ",
+        "x",
+        "return self.",
+        "for i in range(",
+        "# comment\n",
+        "if __name__",
+    ]
     cases = [(p, 4 + 5 * (i % 4), [SAMPLED, GREEDY, NUCLEUS][i % 3], 100 + i) for i, p in enumerate(prompts)]
     with Engine(tiny.model, tiny.tokenizer, EngineConfig(max_batch=4, max_prefill_tokens=16)) as engine:
         sinks = [Collector() for _ in cases]
@@ -126,7 +137,13 @@ def test_choices_of_one_prompt_follow_their_own_seeds(tiny) -> None:
 
 def test_several_prompts_in_one_request(tiny) -> None:
     prompts = ["a = ", "b = [", "while "]
-    job = Request(tuple(tuple(tiny.tokenizer.encode(p)) for p in prompts), 8, GREEDY, n=2, stop_token_ids=frozenset({tiny.tokenizer.eos_id}))
+    job = Request(
+        tuple(tuple(tiny.tokenizer.encode(p)) for p in prompts),
+        8,
+        GREEDY,
+        n=2,
+        stop_token_ids=frozenset({tiny.tokenizer.eos_id}),
+    )
     with Engine(tiny.model, tiny.tokenizer, EngineConfig(max_batch=6)) as engine:
         result = engine.complete(job)
     for p, prompt in enumerate(prompts):
@@ -143,7 +160,9 @@ def test_finish_reasons_stop_strings_and_stop_tokens(tiny) -> None:
     stop_byte = full[6].encode()[0]  # the byte tokenizer: token id = byte value
     with Engine(tiny.model, tiny.tokenizer, EngineConfig(max_batch=2)) as engine:
         by_string = engine.complete(Request((tuple(tiny.tokenizer.encode("def ")),), 40, SAMPLED, seed=3, stop=(stop,)))
-        by_token = engine.complete(Request((tuple(tiny.tokenizer.encode("def ")),), 40, SAMPLED, seed=3, stop_token_ids=frozenset({stop_byte})))
+        by_token = engine.complete(
+            Request((tuple(tiny.tokenizer.encode("def ")),), 40, SAMPLED, seed=3, stop_token_ids=frozenset({stop_byte}))
+        )
         by_length = engine.complete(Request((tuple(tiny.tokenizer.encode("def ")),), 5, SAMPLED, seed=3))
     assert (by_string.texts[0], by_string.finish_reasons[0]) == (cut, "stop")
     assert (by_token.texts[0], by_token.finish_reasons[0]) == (full[: full.index(full[6])], "stop")
@@ -190,7 +209,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny) -> None:
         gate.fail_next = True
         events = list(engine.stream(request(tiny.tokenizer, "def ", 5, seed=1)))
         assert isinstance(events[-1], Failed) and "injected failure" in events[-1].message
-        assert engine.complete(request(tiny.tokenizer, "def ", 5, seed=1)).texts[0] == reference(tiny, "def ", 5, seed=1)
+        assert engine.complete(request(tiny.tokenizer, "def ", 5, seed=1)).texts[0] == reference(
+            tiny, "def ", 5, seed=1
+        )
 
 
 def test_impossible_requests_are_refused(tiny) -> None:

@@ -32,7 +32,13 @@ def reference_keep(logits_V: torch.Tensor, params: SamplingParams) -> set[int]:
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(1.0, 1.0, 0), SamplingParams(1.0, 1.0, 5), SamplingParams(0.7, 0.5, 0), SamplingParams(1.3, 0.9, 7), SamplingParams(1.0, 0.05, 0)],
+    [
+        SamplingParams(1.0, 1.0, 0),
+        SamplingParams(1.0, 1.0, 5),
+        SamplingParams(0.7, 0.5, 0),
+        SamplingParams(1.3, 0.9, 7),
+        SamplingParams(1.0, 0.05, 0),
+    ],
 )
 def test_filter_keeps_what_the_reference_keeps(params: SamplingParams) -> None:
     torch.manual_seed(0)
@@ -67,7 +73,14 @@ def test_draws_follow_the_filtered_distribution(params: SamplingParams) -> None:
 def test_rows_are_independent_of_their_batch() -> None:
     torch.manual_seed(2)
     logits = torch.randn(6, 40) * 2
-    params = [SamplingParams(1.0), SamplingParams(0), SamplingParams(0.5, top_p=0.7), SamplingParams(1.0, top_k=3), SamplingParams(2.0), SamplingParams(0.9, 0.9, 9)]
+    params = [
+        SamplingParams(1.0),
+        SamplingParams(0),
+        SamplingParams(0.5, top_p=0.7),
+        SamplingParams(1.0, top_k=3),
+        SamplingParams(2.0),
+        SamplingParams(0.9, 0.9, 9),
+    ]
     uniform = torch.rand(6).tolist()
     together = sample_rows(logits, params, uniform)
     alone = [sample_rows(logits[i : i + 1], params[i : i + 1], uniform[i : i + 1])[0] for i in range(6)]
@@ -85,7 +98,16 @@ def test_seeded_generator_reproduces_draws() -> None:
     assert seeded_generator(-1).initial_seed() == 2**64 - 1  # any integer is a seed
 
 
-@pytest.mark.parametrize("bad", [SamplingParams(temperature=-0.1), SamplingParams(top_p=0.0), SamplingParams(top_p=1.5), SamplingParams(top_k=-1), SamplingParams(temperature=float("nan"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SamplingParams(temperature=-0.1),
+        SamplingParams(top_p=0.0),
+        SamplingParams(top_p=1.5),
+        SamplingParams(top_k=-1),
+        SamplingParams(temperature=float("nan")),
+    ],
+)
 def test_invalid_settings_are_refused(bad: SamplingParams) -> None:
     with pytest.raises(ValueError, match="is not allowed"):
         bad.validate()

@@ -65,7 +65,9 @@ def complete_ref(tiny, prompt: str, max_tokens: int, params=GREEDY, seed=None) -
 
 def chat_ref(tiny, messages, max_tokens: int, params=GREEDY, seed=None) -> str:
     im_end = tiny.tokenizer.token_id(IM_END)
-    return generate(tiny.model, tiny.tokenizer, render_chat(messages), max_tokens, params, seed=seed, stop_token_ids={im_end})
+    return generate(
+        tiny.model, tiny.tokenizer, render_chat(messages), max_tokens, params, seed=seed, stop_token_ids={im_end}
+    )
 
 
 def streamed_text(stream, chat: bool, choices: int = 1) -> tuple[list[str], list[str | None], object]:
@@ -91,7 +93,9 @@ def test_models_and_health(server, api) -> None:
 
 def test_completion_streaming_equals_non_streaming_and_the_reference(server, api, tiny) -> None:
     whole = api.completions.create(model=MODEL, prompt="def ", max_tokens=12, temperature=0)
-    stream = api.completions.create(model=MODEL, prompt="def ", max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = api.completions.create(
+        model=MODEL, prompt="def ", max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     texts, reasons, usage = streamed_text(stream, chat=False)
     assert whole.choices[0].text == texts[0] == complete_ref(tiny, "def ", 12)
     assert whole.choices[0].finish_reason == reasons[0]
@@ -102,7 +106,14 @@ def test_completion_streaming_equals_non_streaming_and_the_reference(server, api
 
 def test_chat_streaming_equals_non_streaming_and_the_reference(server, api, tiny) -> None:
     whole = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0)
-    stream = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = api.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     texts, reasons, usage = streamed_text(stream, chat=True)
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == texts[0] == chat_ref(tiny, MESSAGES, 10)
@@ -119,7 +130,10 @@ def test_the_stream_is_server_sent_events_ending_with_done(server) -> None:
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
-    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
 
 
 def test_same_seed_same_text_and_n_indexed_choices(server, api, tiny) -> None:
@@ -129,14 +143,25 @@ def test_same_seed_same_text_and_n_indexed_choices(server, api, tiny) -> None:
     assert a.choices[0].text == b.choices[0].text == complete_ref(tiny, "import ", 8, params, seed=42)
     three = api.completions.create(**kwargs, n=3)
     assert [c.index for c in three.choices] == [0, 1, 2]
-    assert [c.text for c in three.choices] == [complete_ref(tiny, "import ", 8, params, seed=choice_seed(42, j)) for j in range(3)]
+    assert [c.text for c in three.choices] == [
+        complete_ref(tiny, "import ", 8, params, seed=choice_seed(42, j)) for j in range(3)
+    ]
     assert three.usage.completion_tokens == 3 * 8 and all(c.finish_reason == "length" for c in three.choices)
     assert three.usage.prompt_tokens == a.usage.prompt_tokens
     chat = api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=9, n=3)
     assert [c.index for c in chat.choices] == [0, 1, 2]
     assert chat.choices[0].message.content == chat_ref(tiny, MESSAGES, 6, params, seed=9)
     streamed, _, usage = streamed_text(
-        api.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=9, n=3, stream=True, stream_options={"include_usage": True}),
+        api.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=6,
+            temperature=1.0,
+            seed=9,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        ),
         chat=True,
         choices=3,
     )
@@ -148,7 +173,9 @@ def test_stop_strings_finish_with_stop(server, api, tiny) -> None:
     params = SamplingParams(temperature=1.0)
     full = complete_ref(tiny, "def ", 30, params, seed=3)
     stop = full[6:8]
-    result = api.completions.create(model=MODEL, prompt="def ", max_tokens=30, temperature=1.0, seed=3, stop=[stop, "never-appears"])
+    result = api.completions.create(
+        model=MODEL, prompt="def ", max_tokens=30, temperature=1.0, seed=3, stop=[stop, "never-appears"]
+    )
     assert result.choices[0].text == full[: full.index(stop)]
     assert result.choices[0].finish_reason == "stop"
 
@@ -170,7 +197,9 @@ def test_sixteen_concurrent_clients_get_their_own_answers(server, tiny) -> None:
         api = client(server)
         if i % 2:
             return api.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0).choices[0].text
-        return streamed_text(api.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0, stream=True), chat=False)[0][0]
+        return streamed_text(
+            api.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0, stream=True), chat=False
+        )[0][0]
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
@@ -194,10 +223,31 @@ MALFORMED = [
     ("no messages", CC, {"model": MODEL}, 400, "messages", None),
     ("empty messages", CC, {**GOOD_CHAT, "messages": []}, 400, "messages", None),
     ("message not an object", CC, {**GOOD_CHAT, "messages": ["hi"]}, 400, "messages[0]", None),
-    ("unknown role", CC, {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", None),
+    (
+        "unknown role",
+        CC,
+        {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+        None,
+    ),
     ("no content", CC, {**GOOD_CHAT, "messages": [{"role": "user"}]}, 400, "messages[0].content", None),
-    ("image content", CC, {**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0]", None),
-    ("tool calls", CC, {**GOOD_CHAT, "messages": [{"role": "assistant", "content": "x", "tool_calls": []}]}, 400, "messages[0].tool_calls", "unsupported_parameter"),
+    (
+        "image content",
+        CC,
+        {**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content[0]",
+        None,
+    ),
+    (
+        "tool calls",
+        CC,
+        {**GOOD_CHAT, "messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
+        400,
+        "messages[0].tool_calls",
+        "unsupported_parameter",
+    ),
     ("negative temperature", C, {**GOOD, "temperature": -1}, 400, "temperature", None),
     ("temperature a string", CC, {**GOOD_CHAT, "temperature": "hot"}, 400, "temperature", None),
     ("top_p zero", C, {**GOOD, "top_p": 0}, 400, "top_p", None),
@@ -211,16 +261,39 @@ MALFORMED = [
     ("stop empty string", C, {**GOOD, "stop": ""}, 400, "stop", None),
     ("seed a string", C, {**GOOD, "seed": "lucky"}, 400, "seed", None),
     ("stream not boolean", C, {**GOOD, "stream": "yes"}, 400, "stream", None),
-    ("stream_options without stream", C, {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    (
+        "stream_options without stream",
+        C,
+        {**GOOD, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        None,
+    ),
     ("logprobs", CC, {**GOOD_CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     ("penalty", C, {**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
-    ("prompt plus max_tokens over the context", C, {**GOOD, "prompt": "x" * 40, "max_tokens": 30}, 400, "max_tokens", "context_length_exceeded"),
-    ("prompt alone over the context", CC, {**GOOD_CHAT, "max_tokens": None, "messages": [{"role": "user", "content": "x" * 80}]}, 400, "messages", "context_length_exceeded"),
+    (
+        "prompt plus max_tokens over the context",
+        C,
+        {**GOOD, "prompt": "x" * 40, "max_tokens": 30},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "prompt alone over the context",
+        CC,
+        {**GOOD_CHAT, "max_tokens": None, "messages": [{"role": "user", "content": "x" * 80}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, path, body, status, param, code", MALFORMED, ids=[m[0] for m in MALFORMED])
-def test_malformed_requests_get_openai_errors_and_the_server_goes_on(server, api, name, path, body, status, param, code) -> None:
+def test_malformed_requests_get_openai_errors_and_the_server_goes_on(
+    server, api, name, path, body, status, param, code
+) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(server.url + path, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
@@ -251,7 +324,9 @@ def test_body_too_large_is_413(tiny_servable) -> None:
         ready(srv)
         big = json.dumps({**GOOD, "prompt": "x" * 4096}).encode()
         declared = httpx.post(srv.url + C, content=big, headers={"content-type": "application/json"})
-        chunked = httpx.post(srv.url + C, content=iter([big[:1500], big[1500:]]), headers={"content-type": "application/json"})
+        chunked = httpx.post(
+            srv.url + C, content=iter([big[:1500], big[1500:]]), headers={"content-type": "application/json"}
+        )
         for response in (declared, chunked):
             assert response.status_code == 413
             assert response.json()["error"]["code"] == "request_too_large"
@@ -332,7 +407,9 @@ def test_queue_full_is_429_and_the_queued_requests_still_finish(gated, tiny) -> 
     results = {}
 
     def ask(name: str, prompt: str) -> None:
-        results[name] = client(srv).completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+        results[name] = (
+            client(srv).completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+        )
 
     first = threading.Thread(target=ask, args=("first", "def "))
     first.start()
@@ -395,7 +472,9 @@ def test_a_client_that_gives_up_on_a_whole_response_frees_its_row(gated, tiny) -
     gate.open()
     wait_for(lambda: metric(srv, "moelab_running_sequences") == 0, what="the row to be freed")
     assert gate.calls <= 3
-    assert client(srv).completions.create(model=MODEL, prompt="x = ", max_tokens=4, temperature=0).choices[0].text == complete_ref(tiny, "x = ", 4)
+    assert client(srv).completions.create(model=MODEL, prompt="x = ", max_tokens=4, temperature=0).choices[
+        0
+    ].text == complete_ref(tiny, "x = ", 4)
 
 
 def test_a_failed_generation_is_an_error_and_the_server_goes_on(gated, tiny) -> None:
@@ -410,7 +489,9 @@ def test_a_failed_generation_is_an_error_and_the_server_goes_on(gated, tiny) -> 
     with httpx.stream("POST", srv.url + CC, json=body, timeout=60) as response:
         events = [line for line in response.iter_lines() if line]
     assert json.loads(events[-2][6:])["error"]["code"] == "generation_failed" and events[-1] == "data: [DONE]"
-    assert client(srv).completions.create(model=MODEL, prompt="def ", max_tokens=4, temperature=0).choices[0].text == complete_ref(tiny, "def ", 4)
+    assert client(srv).completions.create(model=MODEL, prompt="def ", max_tokens=4, temperature=0).choices[
+        0
+    ].text == complete_ref(tiny, "def ", 4)
 
 
 def test_a_tokenizer_without_chat_tokens_serves_completions_only(tiny) -> None:

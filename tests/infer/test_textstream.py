@@ -35,7 +35,9 @@ def test_multibyte_characters_are_held_until_complete() -> None:
 
 def test_random_token_ids_join_to_the_full_decode() -> None:
     rng = random.Random(0)
-    tokenizer = train_bpe(iter(["the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x * 2\n" * 20]), 300)
+    tokenizer = train_bpe(
+        iter(["the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x * 2\n" * 20]), 300
+    )
     for _ in range(20):
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
         stream = TextStream(tokenizer)

@@ -32,7 +32,18 @@ MOE = {"num_experts": 4, "top_k": 2, "expert_hidden": 16}
 CASES = {
     "mixtral": ({"moe": {**MOE, "route_scale": 1.5}, "tie_embeddings": False}, "mixtral", "route_scale"),
     "qwen2_moe_gated_shared": (
-        {"n_layers": 3, "qkv_bias": True, "moe": {**MOE, "num_shared_experts": 2, "shared_expert_hidden": 8, "shared_expert_gate": True, "renormalize": False, "first_dense": 1}},
+        {
+            "n_layers": 3,
+            "qkv_bias": True,
+            "moe": {
+                **MOE,
+                "num_shared_experts": 2,
+                "shared_expert_hidden": 8,
+                "shared_expert_gate": True,
+                "renormalize": False,
+                "first_dense": 1,
+            },
+        },
         "qwen2_moe",
         None,
     ),
@@ -68,7 +79,14 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(transf
     if note:
         assert any(note in n for n in result.notes), result.notes
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= files
     hf_model = load_hf(transformers, tmp_path / "hf")
     assert hf_model.config.model_type == arch
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -116,7 +134,9 @@ def test_sharded_export_writes_an_index_that_both_sides_read(transformers, tmp_p
     for shard in shards:
         with safe_open(str(tmp_path / "hf" / shard), "pt") as f:
             stored.update({k: f.get_tensor(k) for k in f.keys()})
-    assert index["weight_map"] == {k: v for k, v in index["weight_map"].items() if k in stored} and len(stored) == len(index["weight_map"])
+    assert index["weight_map"] == {k: v for k, v in index["weight_map"].items() if k in stored} and len(stored) == len(
+        index["weight_map"]
+    )
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
     assert "model.safetensors.index.json" in result.files
     ids = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -166,7 +186,11 @@ REFUSALS = {
     "expert_choice": ({"moe": {**MOE, "routing": "expert_choice"}}, None, "model.moe.routing = 'expert_choice'"),
     "capacity": ({"moe": {**MOE, "capacity_factor": 1.25}}, None, "model.moe.capacity_factor = 1.25"),
     "sigmoid": ({"moe": {**MOE, "scoring": "sigmoid"}}, None, "model.moe.scoring = 'sigmoid'"),
-    "qk_norm_and_shared": ({"qk_norm": "head", "moe": {**MOE, "num_shared_experts": 1}}, None, "q/k norm together with shared experts"),
+    "qk_norm_and_shared": (
+        {"qk_norm": "head", "moe": {**MOE, "num_shared_experts": 1}},
+        None,
+        "q/k norm together with shared experts",
+    ),
     "olmoe_dense_layers": ({"qk_norm": "full", "moe": {**MOE, "first_dense": 1}}, None, "first_dense"),
     "mixtral_shared": ({"moe": {**MOE, "num_shared_experts": 1}}, "mixtral", "model.moe.num_shared_experts = 1"),
     "mixtral_no_renorm": ({"moe": {**MOE, "renormalize": False}}, "mixtral", "model.moe.renormalize = false"),

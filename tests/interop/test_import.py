@@ -33,18 +33,42 @@ COMMON = dict(
 
 # name -> (config class, model class, settings beyond COMMON, what the import must find)
 CASES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    ),
     "qwen2_moe": (  # shared expert with its gate, qkv bias, no renormalisation, a dense first layer
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
-        dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=False),
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+            norm_topk_prob=False,
+        ),
     ),
     "qwen3_moe": (  # per-head q/k norm, head_dim != hidden / heads, MoE every second layer, renormalised
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2, head_dim=16),
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            head_dim=16,
+        ),
     ),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=64, tie_word_embeddings=True)),
 }
 
@@ -149,7 +173,10 @@ def refused(hf_dir, tmp_path, *fragments, **kwargs) -> str:
 def test_unsupported_settings_are_refused_naming_the_file_and_key(base_hf, tmp_path) -> None:
     cases = [
         ({"model_type": "gpt2"}, ["config.json", "model_type", "gpt2"]),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}}, ["config.json", "rope_parameters", "linear"]),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}},
+            ["config.json", "rope_parameters", "linear"],
+        ),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["rope_scaling", "dynamic"]),
         ({"sliding_window": 16}, ["config.json", "sliding_window"]),
         ({"hidden_act": "gelu"}, ["hidden_act", "gelu"]),
@@ -180,9 +207,17 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(base_hf, tmp_path) -
     gone = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     refused(edited(base_hf, tmp_path / "a", drop=[gone]), tmp_path / "a", gone, "lack")
     extra = "model.layers.0.self_attn.q_norm.weight"
-    message = refused(edited(base_hf, tmp_path / "b", add={extra: torch.ones(32)}), tmp_path / "b", extra, "model.safetensors")
+    message = refused(
+        edited(base_hf, tmp_path / "b", add={extra: torch.ones(32)}), tmp_path / "b", extra, "model.safetensors"
+    )
     assert "does not describe" in message
-    message = refused(edited(base_hf, tmp_path / "c", config={"num_key_value_heads": 4}), tmp_path / "c", "model.safetensors", "k_proj", "shape")
+    message = refused(
+        edited(base_hf, tmp_path / "c", config={"num_key_value_heads": 4}),
+        tmp_path / "c",
+        "model.safetensors",
+        "k_proj",
+        "shape",
+    )
     nan = {"model.norm.weight": torch.full((32,), float("nan"))}
     refused(edited(base_hf, tmp_path / "d", add=nan), tmp_path / "d", "model.norm.weight", "NaN")
 
@@ -204,7 +239,9 @@ def test_broken_files_are_named(base_hf, tmp_path) -> None:
     (hf_dir / "tokenizer.json").unlink()
     refused(hf_dir, tmp_path / "d", "tokenizer.json", "missing")
     hf_dir = edited(base_hf, tmp_path / "e")
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+    )
     refused(hf_dir, tmp_path / "e", "model.safetensors.index.json", "missing")
 
 
@@ -224,7 +261,18 @@ def test_imported_model_evaluates_and_fine_tunes_with_its_own_tokenizer(transfor
     run = str(tmp_path / "run")
     assert main(["eval", run, "--data", str(text), "--json", "--batches", "2"]) == 0
     before = json.loads(capsys.readouterr().out)["val_loss"]
-    overrides = ["--set", "train.max_steps=30", "--set", "train.batch_size=8", "--set", "train.eval_every=30", "--set", "train.sample_tokens=0", "--set", "data.seq_len=32"]
+    overrides = [
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.eval_every=30",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "data.seq_len=32",
+    ]
     # an imported run has read no data yet, so --data may point it at the text
     assert main(["train", "--out", run, "--resume", "--data", str(text), "--quiet", *overrides]) == 0
     capsys.readouterr()

@@ -17,7 +17,13 @@ from moelab.model import Transformer
 from tests.interop.conftest import LOGIT_TOL, perturb_, write_moelab_run
 from tests.interop.test_export import BASE, CASES
 
-CONFIG_CLASSES = {"llama": "LlamaConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig"}
+CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "olmoe": "OlmoeConfig",
+}
 
 
 def test_defaults_match_transformers_config_classes(transformers) -> None:
@@ -38,7 +44,9 @@ def test_defaults_match_transformers_config_classes(transformers) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_element_has_exactly_one_place_and_the_map_reads_both_ways(name) -> None:
     settings, arch, _ = CASES[name]
-    cfg = build_config({"model": {**BASE, **settings, "vocab_size": 40, "max_seq_len": 16}, "data": {"seq_len": 8}}).model
+    cfg = build_config(
+        {"model": {**BASE, **settings, "vocab_size": 40, "max_seq_len": 16}, "data": {"seq_len": 8}}
+    ).model
     model = Transformer(cfg)
     perturb_(model)
     architecture, cfg2, state, slots, _ = plan_export(cfg, model_state(model))
@@ -60,9 +68,12 @@ def test_every_element_has_exactly_one_place_and_the_map_reads_both_ways(name) -
 def test_the_parity_check_catches_a_swapped_key(transformers, tmp_path, monkeypatch) -> None:
     """Meta-test: with gate and up swapped in the Mixtral key map (an easy slip), export still
     loads but the logits disagree far beyond the tolerance."""
-    run, model = write_moelab_run(tmp_path / "run", {**BASE, "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16}})
+    run, model = write_moelab_run(
+        tmp_path / "run", {**BASE, "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 16}}
+    )
     swapped = tuple(
-        (hf, ours, {keymap.GATE: keymap.UP, keymap.UP: keymap.GATE}.get(part, part)) for hf, ours, part in ARCHITECTURES["mixtral"].keymap
+        (hf, ours, {keymap.GATE: keymap.UP, keymap.UP: keymap.GATE}.get(part, part))
+        for hf, ours, part in ARCHITECTURES["mixtral"].keymap
     )
     assert any(t in MIXTRAL_MOE for t in ARCHITECTURES["mixtral"].keymap)
     monkeypatch.setattr(type(ARCHITECTURES["mixtral"]), "keymap", swapped)

@@ -50,7 +50,18 @@ def reference_attention(attn, x, cfg: ModelConfig):
 @pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_attention_options_match_a_float64_reference(qk_norm, qkv_bias) -> None:
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=32, max_seq_len=16, qk_norm=qk_norm, qkv_bias=qkv_bias, rope_theta=500.0)
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=32,
+        max_seq_len=16,
+        qk_norm=qk_norm,
+        qkv_bias=qkv_bias,
+        rope_theta=500.0,
+    )
     model = Transformer(cfg)
     perturb_(model, scale=0.3)
     attn = model.blocks[0].attn.double()
@@ -63,7 +74,18 @@ def test_attention_options_match_a_float64_reference(qk_norm, qkv_bias) -> None:
 
 @pytest.mark.parametrize("qk_norm", ["head", "full"])
 def test_cached_decoding_matches_the_full_forward_with_qk_norm(qk_norm) -> None:
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=32, max_seq_len=16, qk_norm=qk_norm, qkv_bias=True, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=32,
+        max_seq_len=16,
+        qk_norm=qk_norm,
+        qkv_bias=True,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8),
+    )
     model = Transformer(cfg).eval()
     perturb_(model, scale=0.3)
     ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -82,7 +104,9 @@ def test_options_are_off_by_default_and_validated() -> None:
     assert not any("q_norm" in n or "k_norm" in n or n.endswith(".bias") for n in names)
     with pytest.raises(ConfigError, match="model.qk_norm"):
         ModelConfig(vocab_size=50, qk_norm="layer").validate()
-    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, ffn_hidden=32, qkv_bias=True, qk_norm="head"))
+    model = Transformer(
+        ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, ffn_hidden=32, qkv_bias=True, qk_norm="head")
+    )
     attn = model.blocks[0].attn
     assert torch.equal(attn.q_proj.bias, torch.zeros(32)) and torch.equal(attn.q_norm.weight, torch.ones(8))
 
@@ -91,6 +115,17 @@ def test_options_are_off_by_default_and_validated() -> None:
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_accounting_counts_the_new_parameters(qk_norm, qkv_bias) -> None:
     moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=8, num_shared_experts=1, shared_expert_gate=True)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=32, qk_norm=qk_norm, qkv_bias=qkv_bias, moe=moe)
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_hidden=32,
+        qk_norm=qk_norm,
+        qkv_bias=qkv_bias,
+        moe=moe,
+    )
     model = Transformer(cfg)
     assert param_counts(cfg).total == sum(p.numel() for p in model.parameters())

@@ -37,7 +37,11 @@ def test_upcycled_model_starts_equal_to_the_dense_one(dense_run, tmp_path, exper
     assert result.max_logit_diff <= 1e-5
     dense, moe = load_model(dense_run), load_model(tmp_path / "moe")
     cfg = moe.cfg.model.moe
-    assert (cfg.num_experts, cfg.top_k, cfg.expert_hidden) == (experts, top_k, dense.cfg.model.ffn_hidden // granularity)
+    assert (cfg.num_experts, cfg.top_k, cfg.expert_hidden) == (
+        experts,
+        top_k,
+        dense.cfg.model.ffn_hidden // granularity,
+    )
     assert all(moe.cfg.model.is_moe_layer(i) for i in range(moe.cfg.model.n_layers))
     ids = torch.randint(0, dense.cfg.model.vocab_size, (4, 64), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -50,9 +54,38 @@ def test_upcycled_model_starts_equal_to_the_dense_one(dense_run, tmp_path, exper
 
 def test_upcycled_run_trains_with_resume(dense_run, tmp_path) -> None:
     out = tmp_path / "moe"
-    assert main(["upcycle", str(dense_run), str(out), "--experts", "4", "--top-k", "2", "--granularity", "2", "--set", "model.moe.aux_loss_coef=0.02"]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                str(dense_run),
+                str(out),
+                "--experts",
+                "4",
+                "--top-k",
+                "2",
+                "--granularity",
+                "2",
+                "--set",
+                "model.moe.aux_loss_coef=0.02",
+            ]
+        )
+        == 0
+    )
     assert load_model(out).cfg.model.moe.aux_loss_coef == 0.02
-    args = ["train", "--out", str(out), "--resume", "--quiet", "--set", "train.max_steps=12", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6"]
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--resume",
+        "--quiet",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "train.checkpoint_every=6",
+    ]
     assert main(args) == 0
     metrics = RunDir(out).read_metrics()
     evals = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]

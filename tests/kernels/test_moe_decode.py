@@ -27,7 +27,15 @@ CONFIGS = [
     dict(num_experts=64, top_k=6, expert_hidden=8, num_shared_experts=1, shared_expert_hidden=16, route_scale=6.0),
     dict(num_experts=16, top_k=4, expert_hidden=12, renormalize=False, route_scale=2.0, num_shared_experts=2),
     dict(num_experts=8, top_k=3, expert_hidden=16, scoring="sigmoid", bias_update_rate=0.1),
-    dict(num_experts=8, top_k=2, expert_hidden=16, scoring="sigmoid", renormalize=False, num_shared_experts=1, shared_expert_gate=True),
+    dict(
+        num_experts=8,
+        top_k=2,
+        expert_hidden=16,
+        scoring="sigmoid",
+        renormalize=False,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+    ),
     dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
     dict(num_experts=4, top_k=4, expert_hidden=5),  # k = E, odd hidden size
     dict(num_experts=16, top_k=3, expert_hidden=8, renormalize=False, bias_update_rate=0.1),
@@ -67,7 +75,9 @@ def test_kernel_matches_float64_reference(kwargs, D) -> None:
             want = sorted((e, float(w.detach())) for tt, e, w in slots if tt == t)
             got = sorted(zip(expert_TK[t].tolist(), weight_TK[t].tolist()))
             assert [e for e, _ in got] == [e for e, _ in want]
-            torch.testing.assert_close(torch.tensor([w for _, w in got]), torch.tensor([w for _, w in want], dtype=torch.float32))
+            torch.testing.assert_close(
+                torch.tensor([w for _, w in got]), torch.tensor([w for _, w in want], dtype=torch.float32)
+            )
 
 
 def test_kernel_output_keeps_the_input_shape_and_fails_the_reference_when_wrong() -> None:
@@ -124,7 +134,9 @@ def test_a_nan_logit_and_saturated_scores_route_as_the_pytorch_path(scoring) -> 
         y_torch = torch_path(x[None])[0][0]
     torch.testing.assert_close(y, y_torch, atol=1e-4, rtol=1e-4)
     slots, _, _ = route(copy.deepcopy(moe).double(), x.double())
-    assert [sorted(row) for row in expert_TK.tolist()] == [sorted(e for t, e, _ in slots if t == tok) for tok in range(4)]
+    assert [sorted(row) for row in expert_TK.tolist()] == [
+        sorted(e for t, e, _ in slots if t == tok) for tok in range(4)
+    ]
     with torch.no_grad():
         moe.router.weight[5] = float("nan")  # expert 5 scores NaN for every token
         torch_path.router.weight[5] = float("nan")
@@ -139,7 +151,9 @@ def test_ties_choose_the_lower_expert_index() -> None:
     moe = make_moe(32, seed=4, num_experts=8, top_k=3, expert_hidden=16, route_scale=1.5).eval()
     with torch.no_grad():
         moe.router.weight.zero_()
-    _, expert_TK, weight_TK = native.moe_decode(torch.randn(2, 32), *layer_weights(moe), return_routing=True, **routing_of(moe))
+    _, expert_TK, weight_TK = native.moe_decode(
+        torch.randn(2, 32), *layer_weights(moe), return_routing=True, **routing_of(moe)
+    )
     assert expert_TK.tolist() == [[0, 1, 2], [0, 1, 2]]
     torch.testing.assert_close(weight_TK, torch.full((2, 3), 0.5))
 
@@ -161,7 +175,9 @@ def test_bad_tensors_are_refused_with_what_was_wrong() -> None:
     with pytest.raises(ValueError, match="fp32, contiguous CPU"):
         native.bind(router, bias, gate_up.bfloat16(), down, s_gate_up, s_down, top_k=2)
     with pytest.raises(ValueError, match="fp32, contiguous CPU"):
-        native.bind(router, bias, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, s_gate_up, s_down, top_k=2)
+        native.bind(
+            router, bias, gate_up.transpose(1, 2).contiguous().transpose(1, 2), down, s_gate_up, s_down, top_k=2
+        )
     kernel = native.bind(router, bias, gate_up, down, s_gate_up, s_down, top_k=2)
     with pytest.raises(ValueError, match=r"x must be a contiguous fp32 CPU tensor \[\.\.\., 32\]"):
         kernel(torch.randn(1, 31))
@@ -245,8 +261,14 @@ def test_moe_takes_the_pytorch_path_where_the_kernel_does_not_apply(monkeypatch)
         "autocast": (plain, lambda m: _autocast(m, x)),
         "too many tokens": (plain, lambda m: m(torch.randn(1, plain.native_max_tokens + 1, D))),
         "non-contiguous input": (plain, lambda m: m(torch.randn(1, 1, 2 * D)[..., ::2])),
-        "capacity": (make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, capacity_factor=1.0).eval(), lambda m: m(x)),
-        "expert choice": (make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, routing="expert_choice").eval(), lambda m: m(x)),
+        "capacity": (
+            make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, capacity_factor=1.0).eval(),
+            lambda m: m(x),
+        ),
+        "expert choice": (
+            make_moe(D, seed=8, num_experts=8, top_k=2, expert_hidden=16, routing="expert_choice").eval(),
+            lambda m: m(x),
+        ),
     }
     for name, (moe, call) in cases.items():
         grad = name == "autograd on"
@@ -313,13 +335,31 @@ def test_binding_follows_the_weights(monkeypatch) -> None:
         "the whole layer converted there and back": lambda: moe.double().float(),
         "one submodule converted (no MoE._apply)": lambda: moe.experts.double().float(),
         "a bare .data swap": lambda: setattr(moe.router.weight, "data", torch.randn_like(moe.router.weight) * 3.0),
-        "share_memory_ (what torch.multiprocessing does to a tensor it sends)": lambda: moe.experts.gate_up_proj.share_memory_(),
-        "swap_tensors": lambda: torch.utils.swap_tensors(moe.experts.down_proj, nn.Parameter(moe.experts.down_proj.detach().clone())),
-        "load_state_dict(assign=True)": lambda: moe.load_state_dict(copy.deepcopy(make_moe(D, seed=10, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1).state_dict()), assign=True),
-        "a new Parameter": lambda: setattr(moe.experts, "down_proj", nn.Parameter(torch.randn_like(moe.experts.down_proj) * 0.1)),
-        "a new shared-expert Parameter": lambda: setattr(moe.shared.gate_up_proj, "weight", nn.Parameter(torch.randn_like(moe.shared.gate_up_proj.weight) * 0.1)),
+        "share_memory_ (what torch.multiprocessing does to a tensor it sends)": lambda: (
+            moe.experts.gate_up_proj.share_memory_()
+        ),
+        "swap_tensors": lambda: torch.utils.swap_tensors(
+            moe.experts.down_proj, nn.Parameter(moe.experts.down_proj.detach().clone())
+        ),
+        "load_state_dict(assign=True)": lambda: moe.load_state_dict(
+            copy.deepcopy(
+                make_moe(D, seed=10, num_experts=8, top_k=2, expert_hidden=16, num_shared_experts=1).state_dict()
+            ),
+            assign=True,
+        ),
+        "a new Parameter": lambda: setattr(
+            moe.experts, "down_proj", nn.Parameter(torch.randn_like(moe.experts.down_proj) * 0.1)
+        ),
+        "a new shared-expert Parameter": lambda: setattr(
+            moe.shared.gate_up_proj, "weight", nn.Parameter(torch.randn_like(moe.shared.gate_up_proj.weight) * 0.1)
+        ),
         # settings: a new (frozen) config for the router (and the reference, which reads moe.cfg)
-        "a new config": lambda: setattr(moe, "cfg", setattr(moe.router, "cfg", dataclasses.replace(moe.cfg, route_scale=3.0, renormalize=False)) or moe.router.cfg),
+        "a new config": lambda: setattr(
+            moe,
+            "cfg",
+            setattr(moe.router, "cfg", dataclasses.replace(moe.cfg, route_scale=3.0, renormalize=False))
+            or moe.router.cfg,
+        ),
     }
     check(moe)
     for name, step in steps.items():

@@ -34,8 +34,18 @@ def test_dense_counts_by_hand() -> None:
 
 def test_moe_counts_by_hand() -> None:
     # 2 layers, MoE every 2nd layer (layer 1): E=4, k=2, I=6, 1 shared expert of hidden 5 with gate; untied.
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=6, num_shared_experts=1, shared_expert_hidden=5, shared_expert_gate=True, every=2)
-    cfg = ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2, ffn_hidden=16, max_seq_len=6, tie_embeddings=False, moe=moe)
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_hidden=6,
+        num_shared_experts=1,
+        shared_expert_hidden=5,
+        shared_expert_gate=True,
+        every=2,
+    )
+    cfg = ModelConfig(
+        vocab_size=10, d_model=8, n_layers=2, n_heads=2, ffn_hidden=16, max_seq_len=6, tie_embeddings=False, moe=moe
+    )
     attn = 4 * 64  # MHA: q, k, v, o each 8x8
     dense_layer = attn + 3 * 8 * 16 + 16  # 256 + 384 + norms 16 = 656
     expert = 3 * 8 * 6  # 144
@@ -53,11 +63,26 @@ def test_moe_counts_by_hand() -> None:
 
 @pytest.mark.parametrize(
     "moe",
-    [None, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, num_shared_experts=2, shared_expert_gate=True, first_dense=1)],
+    [
+        None,
+        MoEConfig(
+            num_experts=4, top_k=2, expert_hidden=8, num_shared_experts=2, shared_expert_gate=True, first_dense=1
+        ),
+    ],
 )
 @pytest.mark.parametrize("tie", [True, False])
 def test_total_parameters_equal_the_built_model(moe, tie) -> None:
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=40, max_seq_len=16, tie_embeddings=tie, moe=moe)
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=40,
+        max_seq_len=16,
+        tie_embeddings=tie,
+        moe=moe,
+    )
     model = Transformer(cfg)
     assert acc.param_counts(cfg).total == sum(p.numel() for p in model.parameters())
 
@@ -97,6 +122,14 @@ def test_moe_with_top_k_experts_of_width_i_matches_dense_of_width_k_i() -> None:
     """The matched-compute rule used by compare: E experts of width I with top-k cost the same
     FLOPs as a dense FFN of width k*I (up to the router)."""
     dense = ModelConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=32)
-    sparse = ModelConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=32, moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=64))
+    sparse = ModelConfig(
+        vocab_size=100,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        ffn_hidden=128,
+        max_seq_len=32,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=64),
+    )
     router = 2 * 2 * 8 * 64  # 2 FLOPs * layers * E * D
     assert acc.forward_flops_per_token(sparse, 32) - acc.forward_flops_per_token(dense, 32) == router

@@ -109,8 +109,15 @@ def test_expert_norms_combine_tensors_per_expert() -> None:
 
 def tiny_model(**moe) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, max_seq_len=16,
-                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8, **moe))
+    cfg = ModelConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=32,
+        max_seq_len=16,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8, **moe),
+    )
     return Transformer(cfg)
 
 
@@ -120,15 +127,30 @@ def test_router_health_passes_router_statistics_through_and_derives_the_rest() -
     with torch.no_grad():
         experts.gate_up_proj[3] = experts.gate_up_proj[2]
         experts.down_proj[3] = experts.down_proj[2]
-    stats = {1: {"tokens_per_expert": [30.0, 10.0, 10.0, 10.0], "mean_prob": [0.4, 0.2, 0.2, 0.2], "tokens": 30.0,
-                 "dropped_frac": 0.125, "entropy": 1.1, "z_loss": 3.5, "max_logit": 4.25}}
+    stats = {
+        1: {
+            "tokens_per_expert": [30.0, 10.0, 10.0, 10.0],
+            "mean_prob": [0.4, 0.2, 0.2, 0.2],
+            "tokens": 30.0,
+            "dropped_frac": 0.125,
+            "entropy": 1.1,
+            "z_loss": 3.5,
+            "max_logit": 4.25,
+        }
+    }
     h = router_health(model, stats)
     assert not any(k.startswith("router.0.") for k in h)  # only the layers given
     p = "router.1."
     assert h[p + "share"] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
     assert h[p + "imbalance"] == pytest.approx(2.0) and h[p + "maxvio"] == pytest.approx(1.0)
     assert h[p + "cv"] == pytest.approx(math.sqrt(75) / 15)
-    assert (h[p + "z_loss"], h[p + "max_logit"], h[p + "dropped_frac"], h[p + "entropy"], h[p + "tokens"]) == (3.5, 4.25, 0.125, 1.1, 30.0)
+    assert (h[p + "z_loss"], h[p + "max_logit"], h[p + "dropped_frac"], h[p + "entropy"], h[p + "tokens"]) == (
+        3.5,
+        4.25,
+        0.125,
+        1.1,
+        30.0,
+    )
     assert h[p + "marginal_entropy"] == pytest.approx(entropy([0.4, 0.2, 0.2, 0.2]))
     assert h[p + "effective_experts"] == pytest.approx(effective_experts([0.5, 1 / 6, 1 / 6, 1 / 6]))
     assert h[p + "collapse_score"] == pytest.approx(collapse_score([0.5, 1 / 6, 1 / 6, 1 / 6], 2))
@@ -175,5 +197,7 @@ def test_one_rule_judges_skewed_routing() -> None:
     assert routing_skewed(0.5, 1.0, cfg) and not routing_skewed(0.49, 50.0, cfg)  # imbalance is off by default
     assert not routing_skewed(None, None, cfg)
     both = MonitorConfig(collapse_score=0.5, collapse_imbalance=3.0)
-    assert routing_skewed(0.1, 3.0, both) and not routing_skewed(0.1, 2.99, both) and not routing_skewed(None, None, both)
+    assert (
+        routing_skewed(0.1, 3.0, both) and not routing_skewed(0.1, 2.99, both) and not routing_skewed(None, None, both)
+    )
     assert routing_skewed(None, 4.0, both)  # metrics without a score: the imbalance alone decides

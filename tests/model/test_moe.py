@@ -151,7 +151,9 @@ def test_capacity_dropped_fraction_is_reported() -> None:
 
 def test_expert_choice_gives_each_expert_exactly_its_capacity() -> None:
     for T, factor in [(48, None), (30, 1.5), (7, 4.0)]:
-        moe = make_moe(16, seed=T, num_experts=4, top_k=2, expert_hidden=8, routing="expert_choice", capacity_factor=factor)
+        moe = make_moe(
+            16, seed=T, num_experts=4, top_k=2, expert_hidden=8, routing="expert_choice", capacity_factor=factor
+        )
         moe.train()
         moe(torch.randn(1, T, 16))
         stats = moe.read_stats()
@@ -163,7 +165,9 @@ def test_expert_choice_gives_each_expert_exactly_its_capacity() -> None:
 def test_bias_balancing_reduces_imbalance_on_skewed_input(scoring: str, rate: float) -> None:
     torch.manual_seed(0)
     E = 8
-    moe = make_moe(16, seed=0, num_experts=E, top_k=2, expert_hidden=8, bias_update_rate=rate, aux_loss_coef=0.0, scoring=scoring)
+    moe = make_moe(
+        16, seed=0, num_experts=E, top_k=2, expert_hidden=8, bias_update_rate=rate, aux_loss_coef=0.0, scoring=scoring
+    )
     direction = torch.randn(16)
     direction = 3 * direction / direction.norm()
     with torch.no_grad():  # skew: experts 0 and 1 align with the mean input direction
@@ -285,13 +289,16 @@ def test_grouped_mm_matches_loop_with_empty_groups(impl: str) -> None:
     torch.testing.assert_close(gw, rw)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(num_experts=8, top_k=2, expert_hidden=16),
-    dict(num_experts=16, top_k=4, expert_hidden=8, renormalize=False, route_scale=2.0, num_shared_experts=1),
-    dict(num_experts=8, top_k=2, expert_hidden=16, scoring="sigmoid", bias_update_rate=0.1),
-    # the decode router's shortcut (softmax over the k chosen logits) with a selection bias and a scale
-    dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_experts=8, top_k=2, expert_hidden=16),
+        dict(num_experts=16, top_k=4, expert_hidden=8, renormalize=False, route_scale=2.0, num_shared_experts=1),
+        dict(num_experts=8, top_k=2, expert_hidden=16, scoring="sigmoid", bias_update_rate=0.1),
+        # the decode router's shortcut (softmax over the k chosen logits) with a selection bias and a scale
+        dict(num_experts=16, top_k=4, expert_hidden=8, bias_update_rate=0.1, route_scale=2.5, num_shared_experts=1),
+    ],
+)
 @pytest.mark.parametrize("native", [True, False])
 def test_few_token_decode_path_matches_reference(kwargs, native) -> None:
     """Eval forwards with few tokens take the fused kernel, or without it the few-token PyTorch

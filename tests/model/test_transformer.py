@@ -22,7 +22,9 @@ CONFIGS = {
     "dense": tiny(),
     "moe": tiny(MoEConfig(num_experts=4, top_k=2, expert_hidden=16)),
     "moe-shared-every2": tiny(MoEConfig(num_experts=8, top_k=2, expert_hidden=8, num_shared_experts=1, every=2)),
-    "moe-sigmoid-first-dense": tiny(MoEConfig(num_experts=4, top_k=1, expert_hidden=16, scoring="sigmoid", first_dense=1), tie_embeddings=False),
+    "moe-sigmoid-first-dense": tiny(
+        MoEConfig(num_experts=4, top_k=1, expert_hidden=16, scoring="sigmoid", first_dense=1), tie_embeddings=False
+    ),
     "mha": tiny(MoEConfig(num_experts=4, top_k=2, expert_hidden=16), n_kv_heads=4),
 }
 
@@ -110,7 +112,9 @@ def test_dense_forward_matches_float64_reference() -> None:
                 if name.endswith("norm.weight"):
                     p.uniform_(0.5, 1.5)
         tokens = torch.randint(0, cfg.vocab_size, (2, 31))
-        torch.testing.assert_close(model(tokens).logits.double(), reference_forward(model, tokens), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(tokens).logits.double(), reference_forward(model, tokens), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_layer_placement() -> None:

@@ -34,7 +34,9 @@ from moelab.train.trainer import Trainer
 # Rules on crafted metric streams
 
 
-def layer_health(share: list[float], layer: int = 0, top_k: int = 2, max_logit: float = 3.0, tokens: float = 1000.0) -> dict:
+def layer_health(
+    share: list[float], layer: int = 0, top_k: int = 2, max_logit: float = 3.0, tokens: float = 1000.0
+) -> dict:
     """The router_health keys the rules read, for one layer."""
     metrics = load_metrics([s * tokens for s in share])
     metrics.update(tokens=tokens, max_logit=max_logit, collapse_score=collapse_score(metrics["share"], top_k))
@@ -98,11 +100,14 @@ def test_spike_fires_at_its_step_is_reported_at_the_interval_and_only_once(which
     assert alerts[0].value == (4.5 if which == "loss" else 5.0) and alerts[0].threshold < alerts[0].value
 
 
-@pytest.mark.parametrize("peak, min_ratio, fires", [
-    (2.0, 3.0, False),  # a healthy-run-sized transient (8+ sigma here, 2x the mean): quiet by default
-    (2.0, 0.0, True),  # without the floor the sigma rule alone fires on it
-    (3.5, 3.0, True),  # a blow-up beyond the floor fires
-])
+@pytest.mark.parametrize(
+    "peak, min_ratio, fires",
+    [
+        (2.0, 3.0, False),  # a healthy-run-sized transient (8+ sigma here, 2x the mean): quiet by default
+        (2.0, 0.0, True),  # without the floor the sigma rule alone fires on it
+        (3.5, 3.0, True),  # a blow-up beyond the floor fires
+    ],
+)
 def test_grad_spike_needs_both_sigma_and_ratio_to_the_mean(peak, min_ratio, fires) -> None:
     rng = random.Random(3)
     monitor = Monitor(MonitorConfig(spike_window=40, grad_spike_min_ratio=min_ratio))
@@ -196,7 +201,9 @@ def test_dead_experts_are_counted_every_interval_and_alert_after_persisting() ->
         alerts += [(step, a) for a in monitor.check_interval(step, 3.0, 1.0, health)]
         counts.append((health["router.0.starved"], health["router.0.dead"], health["router.0.dead_experts"]))
     assert counts == [(1, 0, []), (1, 0, []), (1, 1, [3]), (1, 1, [3]), (0, 0, []), (1, 0, [])]
-    assert [(s, a.rule, a.action, a.value, a.threshold) for s, a in alerts] == [(3, "dead_experts", "rollback", 1.0, floor)]
+    assert [(s, a.rule, a.action, a.value, a.threshold) for s, a in alerts] == [
+        (3, "dead_experts", "rollback", 1.0, floor)
+    ]
 
 
 def test_an_interval_without_tokens_leaves_the_counters_alone() -> None:
@@ -215,11 +222,15 @@ def test_logit_growth_alerts_once_with_hysteresis() -> None:
     balanced = [0.25] * 4
     fired = []
     for step, logit in enumerate([10.0, 29.0, 31.0, 29.0, 31.5, 26.0, 32.0, float("nan")], start=1):
-        fired += [(step, a.action) for a in monitor.check_interval(step, 3.0, 1.0, layer_health(balanced, max_logit=logit))]
+        fired += [
+            (step, a.action) for a in monitor.check_interval(step, 3.0, 1.0, layer_health(balanced, max_logit=logit))
+        ]
     # 31 fires; 29 and 31.5 stay within the hysteresis band; 26 re-arms; 32 fires again; NaN stays firing
     assert fired == [(3, "stop"), (7, "stop")]
     fresh = Monitor(MonitorConfig(), num_experts=4, top_k=2)
-    assert [a.rule for a in fresh.check_interval(1, 3.0, 1.0, layer_health(balanced, max_logit=float("inf")))] == ["logit_growth"]
+    assert [a.rule for a in fresh.check_interval(1, 3.0, 1.0, layer_health(balanced, max_logit=float("inf")))] == [
+        "logit_growth"
+    ]
 
 
 def test_rules_are_per_layer() -> None:
@@ -269,8 +280,14 @@ def test_state_dict_round_trip_gives_the_same_future_alerts() -> None:
 
 
 def test_state_from_the_first_monitor_version_loads() -> None:
-    old = {"loss": [3.0, 2.9], "grad": [1.0, 1.1], "starved": {"0": [0, 2]}, "skewed": {"0": 4}, "rollbacks": 1,
-           "flagged": [["collapse", 0], ["nan", -1]]}
+    old = {
+        "loss": [3.0, 2.9],
+        "grad": [1.0, 1.1],
+        "starved": {"0": [0, 2]},
+        "skewed": {"0": 4},
+        "rollbacks": 1,
+        "flagged": [["collapse", 0], ["nan", -1]],
+    }
     monitor = Monitor(MonitorConfig(), 2, 1)
     monitor.load_state_dict(old)
     assert list(monitor.loss.values) == [3.0, 2.9] and monitor.skewed == {"0": 4} and monitor.rollbacks == 1
@@ -327,9 +344,28 @@ def test_healthy_tiny_run_raises_no_alert_and_logs_every_metric(healthy_tiny) ->
     assert not (run / "alerts.jsonl").exists()
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 60 // 5
-    names = ["share", "imbalance", "cv", "maxvio", "effective_experts", "collapse_score", "starved", "dead", "dead_experts",
-             "entropy", "marginal_entropy", "z_loss", "max_logit", "dropped_frac", "weight_norm", "grad_norm",
-             "similarity_max", "similarity_mean", "similarity_pair", "tokens"]
+    names = [
+        "share",
+        "imbalance",
+        "cv",
+        "maxvio",
+        "effective_experts",
+        "collapse_score",
+        "starved",
+        "dead",
+        "dead_experts",
+        "entropy",
+        "marginal_entropy",
+        "z_loss",
+        "max_logit",
+        "dropped_frac",
+        "weight_norm",
+        "grad_norm",
+        "similarity_max",
+        "similarity_mean",
+        "similarity_pair",
+        "tokens",
+    ]
     for row in rows:
         for layer in (0, 1):
             missing = [n for n in names if f"router.{layer}.{n}" not in row]
@@ -357,7 +393,10 @@ def test_injected_nan_is_rolled_back_skipped_and_survived(healthy_tiny, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MOELAB_HEALTHY_PRESET"), reason="set MOELAB_HEALTHY_PRESET=small-moe to train a whole preset (minutes)")
+@pytest.mark.skipif(
+    not os.environ.get("MOELAB_HEALTHY_PRESET"),
+    reason="set MOELAB_HEALTHY_PRESET=small-moe to train a whole preset (minutes)",
+)
 def test_a_whole_preset_raises_no_false_alarm(tmp_path) -> None:
     """The no-false-alarm check on a full preset, e.g. after its MoE settings change:
     MOELAB_HEALTHY_PRESET=small-moe pytest tests/train/test_monitor.py -k false_alarm"""
@@ -371,7 +410,13 @@ def _poison_every_time(trainer, step) -> None:
     trainer.nan_injected = False  # the debug NaN comes back on every replay: a persistent fault
 
 
-SHORT = ["train.max_steps=12", "train.checkpoint_every=4", "train.log_every=2", "train.eval_every=12", "train.sample_tokens=0"]
+SHORT = [
+    "train.max_steps=12",
+    "train.checkpoint_every=4",
+    "train.log_every=2",
+    "train.eval_every=12",
+    "train.sample_tokens=0",
+]
 
 
 def test_exhausted_rollbacks_stop_the_run_with_a_clear_message(tmp_path) -> None:
@@ -410,11 +455,17 @@ def test_warn_action_on_nan_skips_the_step_and_continues(tmp_path) -> None:
 def test_an_interval_rule_with_action_stop_stops_the_run(tmp_path) -> None:
     run = tmp_path / "run"
     # max/mean load is above 1.0001 in any real interval: the rule fires at the first one.
-    cfg = load_config(preset="tiny", overrides=SHORT + ["monitor.collapse_imbalance=1.0001", "monitor.persist_intervals=1", "monitor.on_collapse=stop"])
+    cfg = load_config(
+        preset="tiny",
+        overrides=SHORT
+        + ["monitor.collapse_imbalance=1.0001", "monitor.persist_intervals=1", "monitor.on_collapse=stop"],
+    )
     result = quiet(cfg, run).fit()
     assert result.stopped_by == "monitor" and result.step == 2
     alerts = read_jsonl(run / "alerts.jsonl")
-    assert "collapse" in {a["rule"] for a in alerts} and all(a["action"] == "stop" for a in alerts if a["rule"] == "collapse")
+    assert "collapse" in {a["rule"] for a in alerts} and all(
+        a["action"] == "stop" for a in alerts if a["rule"] == "collapse"
+    )
     rows = read_jsonl(run / "metrics.jsonl")
     assert any(r.get("event") == "stop" for r in rows)
     # the alert rows of metrics.jsonl carry the layer, as alerts.jsonl does

@@ -55,13 +55,26 @@ def test_resume_gives_bit_identical_losses(tmp_path) -> None:
     resumed.fit()
     assert losses(split) == losses(straight)  # exact float equality, every step
     # evaluations on the shared schedule agree too (the split run also evaluated when it stopped)
-    evals = lambda run: [(r["step"], r["val_loss"]) for r in RunDir(run).read_metrics() if "val_loss" in r and r["step"] % 4 == 0]
+    evals = lambda run: [
+        (r["step"], r["val_loss"]) for r in RunDir(run).read_metrics() if "val_loss" in r and r["step"] % 4 == 0
+    ]
     assert evals(split) == evals(straight)
 
 
 def test_damaged_checkpoint_is_refused_naming_the_file_and_offering_the_previous(tmp_path) -> None:
     run = tmp_path / "run"
-    quiet(load_config(preset="tiny", overrides=["train.max_steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=3", "train.sample_tokens=0"]), run).fit()
+    quiet(
+        load_config(
+            preset="tiny",
+            overrides=[
+                "train.max_steps=8",
+                "train.checkpoint_every=4",
+                "train.keep_checkpoints=3",
+                "train.sample_tokens=0",
+            ],
+        ),
+        run,
+    ).fit()
     checkpoints = list_checkpoints(run)
     assert [c.name for c in checkpoints] == ["step_0000000", "step_0000004", "step_0000008"]
     weights = checkpoints[-1] / "model.safetensors"
@@ -80,7 +93,12 @@ def test_damaged_checkpoint_is_refused_naming_the_file_and_offering_the_previous
 
 def test_incomplete_checkpoint_is_refused(tmp_path) -> None:
     run = tmp_path / "run"
-    quiet(load_config(preset="tiny", overrides=["train.max_steps=4", "train.checkpoint_every=2", "train.sample_tokens=0"]), run).fit()
+    quiet(
+        load_config(
+            preset="tiny", overrides=["train.max_steps=4", "train.checkpoint_every=2", "train.sample_tokens=0"]
+        ),
+        run,
+    ).fit()
     latest = list_checkpoints(run)[-1]
     (latest / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete.*manifest.json is missing"):
@@ -89,6 +107,17 @@ def test_incomplete_checkpoint_is_refused(tmp_path) -> None:
 
 def test_checkpoints_keep_the_last_k(tmp_path) -> None:
     run = tmp_path / "run"
-    quiet(load_config(preset="tiny", overrides=["train.max_steps=12", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.sample_tokens=0"]), run).fit()
+    quiet(
+        load_config(
+            preset="tiny",
+            overrides=[
+                "train.max_steps=12",
+                "train.checkpoint_every=2",
+                "train.keep_checkpoints=2",
+                "train.sample_tokens=0",
+            ],
+        ),
+        run,
+    ).fit()
     assert [c.name for c in list_checkpoints(run)] == ["step_0000010", "step_0000012"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

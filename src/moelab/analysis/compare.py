@@ -58,11 +58,17 @@ class Budget:
         except ValueError:
             amount = float("nan")
         if kind not in ("tokens", "flops", "minutes") or not (amount > 0 and math.isfinite(amount)):
-            raise MoelabError(f"--budget {text!r} is not allowed: tokens=N, flops=N or minutes=N with N > 0 (e.g. tokens=2e6)")
+            raise MoelabError(
+                f"--budget {text!r} is not allowed: tokens=N, flops=N or minutes=N with N > 0 (e.g. tokens=2e6)"
+            )
         return Budget(kind, amount)
 
     def describe(self) -> str:
-        return {"tokens": f"{self.amount:.3g} tokens", "flops": f"{self.amount:.3g} training FLOPs", "minutes": f"{self.amount:g} minutes"}[self.kind] + " per model"
+        return {
+            "tokens": f"{self.amount:.3g} tokens",
+            "flops": f"{self.amount:.3g} training FLOPs",
+            "minutes": f"{self.amount:g} minutes",
+        }[self.kind] + " per model"
 
 
 def _moe_ffn_equivalent(cfg: RunConfig) -> tuple[float, float]:
@@ -74,7 +80,9 @@ def _moe_ffn_equivalent(cfg: RunConfig) -> tuple[float, float]:
     active_sum = total_sum = 0.0
     for layer in range(m.n_layers):
         if m.is_moe_layer(layer):
-            extra = moe.num_experts * D + (D if moe.num_shared_experts and moe.shared_expert_gate else 0)  # router, gate
+            extra = moe.num_experts * D + (
+                D if moe.num_shared_experts and moe.shared_expert_gate else 0
+            )  # router, gate
             active_sum += moe.top_k * moe.expert_hidden + moe.shared_hidden_total + extra / (3 * D)
             total_sum += moe.num_experts * moe.expert_hidden + moe.shared_hidden_total + extra / (3 * D)
         else:
@@ -89,7 +97,9 @@ def dense_twin(cfg: RunConfig, match: str = "active") -> RunConfig:
     if cfg.model.moe is None:
         raise MoelabError("the model to compare against a dense twin must be an MoE (it has no [model.moe] section)")
     if match not in ("active", "total"):
-        raise MoelabError(f"--match {match!r} is not allowed: active (same FLOPs per token) or total (same parameter count)")
+        raise MoelabError(
+            f"--match {match!r} is not allowed: active (same FLOPs per token) or total (same parameter count)"
+        )
     active, total = _moe_ffn_equivalent(cfg)
     twin = copy.deepcopy(cfg)
     twin.model.moe = None
@@ -118,7 +128,10 @@ def measure_train_speed(cfg: RunConfig, steps: int = 3) -> float:
     for i in range(steps + 1):
         t0 = time.perf_counter()
         out = model(x)
-        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, mcfg.vocab_size), x.reshape(-1)) + out.aux_loss
+        loss = (
+            torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, mcfg.vocab_size), x.reshape(-1))
+            + out.aux_loss
+        )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,7 +140,12 @@ def measure_train_speed(cfg: RunConfig, steps: int = 3) -> float:
     return cfg.train.batch_size * cfg.data.seq_len / (sorted(times)[len(times) // 2])
 
 
-def apply_budget(cfg: RunConfig, budget: Budget, evals: int = DEFAULT_EVALS, speed: Callable[[RunConfig], float] = measure_train_speed) -> RunConfig:
+def apply_budget(
+    cfg: RunConfig,
+    budget: Budget,
+    evals: int = DEFAULT_EVALS,
+    speed: Callable[[RunConfig], float] = measure_train_speed,
+) -> RunConfig:
     """A copy of `cfg` whose max_steps spends the budget, with evenly spaced evaluations."""
     cfg = copy.deepcopy(cfg)
     vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
@@ -167,7 +185,9 @@ def cooldown_points(cfg: RunConfig, fractions: tuple[float, ...] = COOLDOWN_FRAC
     return points
 
 
-def cooldown_curve(name: str, cfg: RunConfig, run: Path, out: Path, log: Callable[[str], None], progress: bool) -> list[tuple[float, float]]:
+def cooldown_curve(
+    name: str, cfg: RunConfig, run: Path, out: Path, log: Callable[[str], None], progress: bool
+) -> list[tuple[float, float]]:
     """The loss a WSD run would have reached with smaller budgets: for each budget, resume the
     stable-phase checkpoint in a branch run whose schedule ends (decays) at that budget.
     Returns (training FLOPs, final validation loss) per budget, the full run's own final included."""
@@ -260,7 +280,12 @@ def _run_is_finished(run: Path, cfg: RunConfig) -> bool:
 
 
 def train_or_reuse(
-    name: str, cfg: RunConfig, run: Path, log: Callable[[str], None], progress: bool, checkpoint_steps: frozenset[int] = frozenset()
+    name: str,
+    cfg: RunConfig,
+    run: Path,
+    log: Callable[[str], None],
+    progress: bool,
+    checkpoint_steps: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     """Train `cfg` into `run` unless an identical finished run is there; resume an interrupted one."""
     from moelab.train.trainer import Trainer
@@ -344,17 +369,23 @@ def compare(
     arms = [("dense", dense)] + moe_cfgs
     for name, cfg in arms[1:]:
         if cfg.data != dense.data or cfg.train.seed != dense.train.seed:
-            raise MoelabError(f"variant {name} must use the same data and seed as the baseline (set them with --set for all models)")
+            raise MoelabError(
+                f"variant {name} must use the same data and seed as the baseline (set them with --set for all models)"
+            )
     base_seed = dense.train.seed
     seed_list = [base_seed + i for i in range(seeds)]
     # Everything that can be refused is refused before the output directory is touched.
     grids = {name: tune.grid_for(cfg) for name, cfg in arms} if tune is not None else {}
     tune_budget = Budget(budget.kind, budget.amount * tune.fraction) if tune is not None else None
-    tuning_runs = [
-        (arm, point, f"{arm}-{point_label(point)}", apply_budget(with_point(cfg, point), tune_budget, TUNE_EVALS))
-        for arm, cfg in arms
-        for point in grid_points(grids.get(arm, {}))
-    ] if tune is not None else []
+    tuning_runs = (
+        [
+            (arm, point, f"{arm}-{point_label(point)}", apply_budget(with_point(cfg, point), tune_budget, TUNE_EVALS))
+            for arm, cfg in arms
+            for point in grid_points(grids.get(arm, {}))
+        ]
+        if tune is not None
+        else []
+    )
     planned = [(name, apply_budget(cfg, budget, evals)) for name, cfg in arms]
     finals = [(name, i, seed_run_name(name, i, s)) for name, _ in planned for i, s in enumerate(seed_list)]
     campaign = Campaign(
@@ -364,25 +395,51 @@ def compare(
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "plan.json", json.dumps({
-        "budget": budget.__dict__,
-        "match": match,
-        "seeds": seed_list,
-        "tune": tune.to_dict() if tune is not None else None,
-        "models": {n: c.to_dict() for n, c in planned},
-        "runs": [
-            {"name": f"tune/{label}", "stage": "tune", "arm": arm, "settings": point, "path": str(out / "runs" / "tune" / label), "config": cfg.to_dict()}
-            for arm, point, label, cfg in tuning_runs
-        ] + [
-            {"name": run, "stage": "final", "arm": arm, "seed": seed_list[i], "path": str(out / "runs" / run),
-             "settings": "the arm's best tuning point" if tune is not None else "the arm's config (untuned)"}
-            for arm, i, run in finals
-        ],
-    }, indent=1))
+    write_atomic(
+        out / "plan.json",
+        json.dumps(
+            {
+                "budget": budget.__dict__,
+                "match": match,
+                "seeds": seed_list,
+                "tune": tune.to_dict() if tune is not None else None,
+                "models": {n: c.to_dict() for n, c in planned},
+                "runs": [
+                    {
+                        "name": f"tune/{label}",
+                        "stage": "tune",
+                        "arm": arm,
+                        "settings": point,
+                        "path": str(out / "runs" / "tune" / label),
+                        "config": cfg.to_dict(),
+                    }
+                    for arm, point, label, cfg in tuning_runs
+                ]
+                + [
+                    {
+                        "name": run,
+                        "stage": "final",
+                        "arm": arm,
+                        "seed": seed_list[i],
+                        "path": str(out / "runs" / run),
+                        "settings": "the arm's best tuning point" if tune is not None else "the arm's config (untuned)",
+                    }
+                    for arm, i, run in finals
+                ],
+            },
+            indent=1,
+        ),
+    )
 
     results: dict[str, Any] = {
-        "budget": budget.__dict__, "budget_text": budget.describe(), "match": match, "seeds": seed_list,
-        "tuned": tune is not None, "tuning": {}, "caveats": [], "models": {},
+        "budget": budget.__dict__,
+        "budget_text": budget.describe(),
+        "match": match,
+        "seeds": seed_list,
+        "tuned": tune is not None,
+        "tuning": {},
+        "caveats": [],
+        "models": {},
     }
     chosen: dict[str, dict[str, float]] = {}
     for arm, cfg in arms:
@@ -414,7 +471,9 @@ def compare(
             "worse-tuned arm, and a better-tuned dense model can flip this verdict. Rerun with --tune."
         )
     if seeds == 1:
-        results["caveats"].append("One seed: no interval on the gap or the multiplier; differences of a few hundredths of a nat can be seed noise. Rerun with --seeds 3 or more.")
+        results["caveats"].append(
+            "One seed: no interval on the gap or the multiplier; differences of a few hundredths of a nat can be seed noise. Rerun with --seeds 3 or more."
+        )
 
     per_seed: dict[str, list[dict[str, Any]]] = {}
     originals = dict(arms)
@@ -429,7 +488,12 @@ def compare(
             branch_steps = frozenset(start for _, start in cooldown_points(run_cfg)) if wsd_branches else frozenset()
             summary = campaign_run(campaign, run_name, run_cfg, run, log, progress, branch_steps)
             flops, seconds, losses = eval_curve(run)
-            entry = {"seed": seed, "run": str(run), "summary": summary, "curve": {"flops": flops, "train_s": seconds, "val_loss": losses}}
+            entry = {
+                "seed": seed,
+                "run": str(run),
+                "summary": summary,
+                "curve": {"flops": flops, "train_s": seconds, "val_loss": losses},
+            }
             if wsd_branches:
                 # NOTE: mid-run points of a WSD run have not decayed their learning rate, so they
                 # understate what a run with that smaller budget reaches. Cooled-down branches measure it.
@@ -445,7 +509,9 @@ def compare(
         for d, m in zip(base_seeds, per_seed[name]):
             gaps.append(m["summary"]["val_loss"] - d["summary"]["val_loss"])
             curve = m.get("cooldown_curve", m["curve"])
-            mults.append(compute_multiplier(d["curve"]["flops"], d["curve"]["val_loss"], curve["flops"], curve["val_loss"]))
+            mults.append(
+                compute_multiplier(d["curve"]["flops"], d["curve"]["val_loss"], curve["flops"], curve["val_loss"])
+            )
         gap, mult = mean_interval(gaps), multiplier_interval(mults)
         c, b = r["curve"], results["models"]["dense"]["curve"]
         r["compute_multiplier_curve"] = compute_multiplier(b["flops"], b["val_loss"], c["flops"], c["val_loss"])
@@ -469,7 +535,15 @@ def compare(
     return results
 
 
-def campaign_run(campaign: Campaign, name: str, cfg: RunConfig, run: Path, log, progress: bool, checkpoint_steps: frozenset[int] = frozenset()) -> dict[str, Any]:
+def campaign_run(
+    campaign: Campaign,
+    name: str,
+    cfg: RunConfig,
+    run: Path,
+    log,
+    progress: bool,
+    checkpoint_steps: frozenset[int] = frozenset(),
+) -> dict[str, Any]:
     """train_or_reuse, counted in the study's progress (run i of n, ETA)."""
     campaign.start(name)
     trained = not _run_is_finished(run, cfg)
@@ -478,7 +552,9 @@ def campaign_run(campaign: Campaign, name: str, cfg: RunConfig, run: Path, log, 
     return summary
 
 
-def _model_entry(name: str, cfg: RunConfig, seed_runs: list[dict[str, Any]], tuned: dict[str, float] | None) -> dict[str, Any]:
+def _model_entry(
+    name: str, cfg: RunConfig, seed_runs: list[dict[str, Any]], tuned: dict[str, float] | None
+) -> dict[str, Any]:
     """One arm of the comparison: costs from its first seed's run, losses averaged over seeds."""
     first = seed_runs[0]
     summary = first["summary"]
@@ -497,7 +573,12 @@ def _model_entry(name: str, cfg: RunConfig, seed_runs: list[dict[str, Any]], tun
         "runs": [s["run"] for s in seed_runs],
         "kind": "dense" if cfg.model.moe is None else "moe",
         "architecture": describe_architecture(cfg),
-        "settings": {"lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "schedule": cfg.train.schedule, "decay_fraction": cfg.train.decay_fraction},
+        "settings": {
+            "lr": cfg.train.lr,
+            "batch_size": cfg.train.batch_size,
+            "schedule": cfg.train.schedule,
+            "decay_fraction": cfg.train.decay_fraction,
+        },
         "tuned_settings": tuned,
         "total_params": summary["params"]["total"],
         "active_params": summary["params"]["active"],
@@ -519,7 +600,9 @@ def _model_entry(name: str, cfg: RunConfig, seed_runs: list[dict[str, Any]], tun
         cooled = [s["cooldown_curve"] for s in seed_runs]
         entry["cooldown_curve"] = {
             "flops": cooled[0]["flops"],
-            "val_loss": [math.fsum(c["val_loss"][i] for c in cooled) / len(cooled) for i in range(len(cooled[0]["val_loss"]))],
+            "val_loss": [
+                math.fsum(c["val_loss"][i] for c in cooled) / len(cooled) for i in range(len(cooled[0]["val_loss"]))
+            ],
         }
     return entry
 
@@ -557,16 +640,22 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, str]]:
         gap_text = f"{gap.mean:+.4f} nats (95% interval [{gap.lo:+.4f}, {gap.hi:+.4f}], paired over {n} seeds)"
         mult_text = "" if mult_iv is None else f"compute multiplier {mult_iv.text('{:.2f}')}"
         if verdict == "wins":
-            text = (f"{name} WINS: its final validation loss is below the dense model's by {gap_text}; "
-                    f"{mult_text}: it reached the dense model's final loss with {mult:.0%} of the dense training FLOPs.")
+            text = (
+                f"{name} WINS: its final validation loss is below the dense model's by {gap_text}; "
+                f"{mult_text}: it reached the dense model's final loss with {mult:.0%} of the dense training FLOPs."
+            )
             kind = "good"
         elif verdict == "loses":
-            text = (f"{name} LOSES to the dense model: its final validation loss is above the dense model's by {gap_text}. "
-                    f"At this budget, sparsity did not pay off.")
+            text = (
+                f"{name} LOSES to the dense model: its final validation loss is above the dense model's by {gap_text}. "
+                f"At this budget, sparsity did not pay off."
+            )
             kind = "bad"
         else:
-            text = (f"This budget cannot tell {name} and the dense model apart: the final-loss gap (MoE - dense) is {gap_text}, "
-                    f"an interval that contains 0. More seeds or a larger budget are needed for a verdict.")
+            text = (
+                f"This budget cannot tell {name} and the dense model apart: the final-loss gap (MoE - dense) is {gap_text}, "
+                f"an interval that contains 0. More seeds or a larger budget are needed for a verdict."
+            )
             kind = "warn"
         out[name] = {"text": text, "kind": kind}
     return out

@@ -69,7 +69,9 @@ class Diagnosis:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     stops: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None  # summary.json, if training finished
-    replayed: list[dict[str, Any]] = field(default_factory=list)  # layer rules rerun, for runs older than the current rules
+    replayed: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # layer rules rerun, for runs older than the current rules
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,7 +110,11 @@ def read_run_info(run: RunDir) -> RunInfo:
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(default, float) or isinstance(value, int))
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and (isinstance(default, float) or isinstance(value, int))
+            )
         else:
             ok = default is not None and isinstance(value, type(default))
         if ok:
@@ -169,9 +175,14 @@ def replay_layer_alerts(train: list[dict[str, Any]], info: RunInfo) -> list[dict
     out = []
     for row in train:
         health = {k: v for k, v in row.items() if k.startswith("router.")}
-        if not all(f"router.{layer}.share" in health and f"router.{layer}.imbalance" in health for layer in router_layers(health)):
+        if not all(
+            f"router.{layer}.share" in health and f"router.{layer}.imbalance" in health
+            for layer in router_layers(health)
+        ):
             continue
-        for alert in monitor.check_interval(int(row["step"]), float(row.get("loss", 0.0)), float(row.get("grad_norm", 0.0)), health):
+        for alert in monitor.check_interval(
+            int(row["step"]), float(row.get("loss", 0.0)), float(row.get("grad_norm", 0.0)), health
+        ):
             if alert.rule in LAYER_RULES:
                 out.append(alert.to_dict())
     return out
@@ -199,14 +210,28 @@ def _finite(values: list[Any]) -> list[float]:
 
 
 def _layer_summary(train: list[dict[str, Any]], layer: int, info: RunInfo) -> dict[str, float]:
-    tail = train[-max(3, math.ceil(TAIL_FRACTION * len(train))):]
+    tail = train[-max(3, math.ceil(TAIL_FRACTION * len(train))) :]
     out: dict[str, float] = {}
-    for name in ("imbalance", "cv", "maxvio", "effective_experts", "collapse_score", "entropy", "marginal_entropy", "z_loss", "max_logit", "dropped_frac", "similarity_max"):
+    for name in (
+        "imbalance",
+        "cv",
+        "maxvio",
+        "effective_experts",
+        "collapse_score",
+        "entropy",
+        "marginal_entropy",
+        "z_loss",
+        "max_logit",
+        "dropped_frac",
+        "similarity_max",
+    ):
         _, values = layer_series(tail, layer, name)
         if name in ("effective_experts", "collapse_score") and not values:
             # Metrics written before these existed: compute them from the share.
             _, shares = layer_series(tail, layer, "share")
-            values = [effective_experts(s) if name == "effective_experts" else collapse_score(s, info.top_k) for s in shares]
+            values = [
+                effective_experts(s) if name == "effective_experts" else collapse_score(s, info.top_k) for s in shares
+            ]
         values = _finite(values)
         if values:
             out[name] = max(values) if name == "max_logit" else statistics.fmean(values)
@@ -226,7 +251,9 @@ def _layer_status(layer: int, summary: dict[str, float], alerts: list[dict[str, 
     if collapsed:
         status = "collapsed"
         if n_eff is not None:
-            reasons.append(f"routing concentrated on {n_eff:.1f} effective experts of {info.num_experts} at the end (collapse score {score:.2f})")
+            reasons.append(
+                f"routing concentrated on {n_eff:.1f} effective experts of {info.num_experts} at the end (collapse score {score:.2f})"
+            )
         else:
             reasons.append(f"max/mean expert load {summary.get('imbalance', 0):.2f} at the end")
     dead = int(summary.get("dead", 0))
@@ -241,7 +268,9 @@ def _layer_status(layer: int, summary: dict[str, float], alerts: list[dict[str, 
     fired = sorted({a["rule"] for a in mine})
     if fired and status == "healthy":
         status = "degraded"
-        reasons.append("recovered, but raised " + _join([r.replace("_", " ") for r in fired]) + " alerts during the run")
+        reasons.append(
+            "recovered, but raised " + _join([r.replace("_", " ") for r in fired]) + " alerts during the run"
+        )
     if mine:
         reasons.append(f"first flagged at step {min(a['step'] for a in mine)}")
     return LayerDiagnosis(layer, status, reasons, summary)
@@ -251,12 +280,16 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _verdict(info: RunInfo, layers: list[LayerDiagnosis], alerts: list[dict[str, Any]], rollbacks: list, stops: list, train: list) -> tuple[str, str]:
+def _verdict(
+    info: RunInfo, layers: list[LayerDiagnosis], alerts: list[dict[str, Any]], rollbacks: list, stops: list, train: list
+) -> tuple[str, str]:
     sentences: list[str] = []
     by_status = {s: [d for d in layers if d.status == s] for s in STATUS_ORDER}
     run_status = "healthy"
     if not info.moe:
-        sentences.append("Dense model: there is no router to diagnose; only the loss, gradient and guardrail events are shown.")
+        sentences.append(
+            "Dense model: there is no router to diagnose; only the loss, gradient and guardrail events are shown."
+        )
     elif not layers:
         sentences.append("No router metrics were logged, so the routing cannot be judged.")
     elif by_status["collapsed"]:
@@ -268,13 +301,25 @@ def _verdict(info: RunInfo, layers: list[LayerDiagnosis], alerts: list[dict[str,
         if group:
             names = _join([str(d.layer) for d in group])
             detail = "; ".join(f"layer {d.layer}: {', '.join(d.reasons)}" for d in group)
-            verb = ("collapsed" if len(group) == 1 else "have collapsed") if status == "collapsed" else ("is degraded" if len(group) == 1 else "are degraded")
+            verb = (
+                ("collapsed" if len(group) == 1 else "have collapsed")
+                if status == "collapsed"
+                else ("is degraded" if len(group) == 1 else "are degraded")
+            )
             sentences.append(f"Layer{'s' if len(group) > 1 else ''} {names} {verb} ({detail}).")
     if info.moe and layers and run_status == "healthy":
         n_effs = [d.summary["effective_experts"] for d in layers if "effective_experts" in d.summary]
-        span = f"{min(n_effs):.1f}" if f"{min(n_effs):.1f}" == f"{max(n_effs):.1f}" else f"{min(n_effs):.1f} to {max(n_effs):.1f}"
+        span = (
+            f"{min(n_effs):.1f}"
+            if f"{min(n_effs):.1f}" == f"{max(n_effs):.1f}"
+            else f"{min(n_effs):.1f} to {max(n_effs):.1f}"
+        )
         spread = f" ({span} effective experts of {info.num_experts} at the end)" if n_effs else ""
-        which = "the MoE layer uses its" if len(layers) == 1 else ("both MoE layers use their" if len(layers) == 2 else f"all {len(layers)} MoE layers use their")
+        which = (
+            "the MoE layer uses its"
+            if len(layers) == 1
+            else ("both MoE layers use their" if len(layers) == 2 else f"all {len(layers)} MoE layers use their")
+        )
         sentences.append(f"Healthy routing: {which} experts{spread}, with no dead experts and no router alerts.")
     nan = [a for a in alerts if a.get("rule") == "nan"]
     spikes = [a for a in alerts if a.get("rule") in ("loss_spike", "grad_spike")]
@@ -284,7 +329,9 @@ def _verdict(info: RunInfo, layers: list[LayerDiagnosis], alerts: list[dict[str,
     if rollbacks:
         events.append(f"{len(rollbacks)} rollback{'s' if len(rollbacks) > 1 else ''}")
     if spikes:
-        events.append(f"{len(spikes)} loss or gradient spike{'s' if len(spikes) > 1 else ''} (first at step {spikes[0]['step']})")
+        events.append(
+            f"{len(spikes)} loss or gradient spike{'s' if len(spikes) > 1 else ''} (first at step {spikes[0]['step']})"
+        )
     if events:
         sentences.append("Training events: " + ", ".join(events) + ".")
         if run_status == "healthy":
@@ -292,11 +339,16 @@ def _verdict(info: RunInfo, layers: list[LayerDiagnosis], alerts: list[dict[str,
     else:
         sentences.append("No non-finite steps, spikes or rollbacks.")
     if stops:
-        sentences.append(f"The monitor stopped the run at step {stops[-1]['step']}: {str(stops[-1].get('message', '')).removeprefix('stopping: ')}.")
+        sentences.append(
+            f"The monitor stopped the run at step {stops[-1]['step']}: {str(stops[-1].get('message', '')).removeprefix('stopping: ')}."
+        )
         if run_status == "healthy":
             run_status = "degraded"
     if train:
-        sentences.append(f"{len(train)} logging intervals up to step {train[-1]['step']}" + (f" of {info.max_steps}." if info.max_steps else "."))
+        sentences.append(
+            f"{len(train)} logging intervals up to step {train[-1]['step']}"
+            + (f" of {info.max_steps}." if info.max_steps else ".")
+        )
     return run_status, " ".join(sentences)
 
 
@@ -312,7 +364,9 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     if not run.is_run():
         raise MoelabError(f"{path} is not a moelab run directory (it has no config.toml)")
     if not run.metrics_path.is_file():
-        raise MoelabError(f"run {path} has no metrics.jsonl yet: train it first (metrics are written every train.log_every steps)")
+        raise MoelabError(
+            f"run {path} has no metrics.jsonl yet: train it first (metrics are written every train.log_every steps)"
+        )
     info = read_run_info(run)
     train, evals, alert_events, rollbacks, stops, abandoned = split_metrics(read_jsonl(run.metrics_path))
     if not train and not evals:
@@ -323,7 +377,9 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
         alerts, source = alert_events, "metrics.jsonl"
     else:
         alerts, source = [], "none"  # the trainer writes alerts.jsonl at the first alert: none fired
-    alerts = sorted((a for a in alerts if isinstance(a, dict) and isinstance(a.get("step"), (int, float))), key=lambda a: a["step"])
+    alerts = sorted(
+        (a for a in alerts if isinstance(a, dict) and isinstance(a.get("step"), (int, float))), key=lambda a: a["step"]
+    )
     layer_ids = sorted({layer for r in train for layer in router_layers(r)})
     # NOTE: a run logged before the collapse score existed raised its layer alerts under older rules
     # (an older collapse rule fired on healthy runs); judge its layers by the current rules, replayed.
@@ -333,15 +389,46 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     layers = [_layer_status(layer, _layer_summary(train, layer, info), layer_alerts, info) for layer in layer_ids]
     status, verdict = _verdict(info, layers, alerts, rollbacks, stops, train)
     if predates:
-        verdict += " (This run predates the current router rules: its layers were judged by replaying them over its metrics.)"
-    return Diagnosis(path, info, status, verdict, layers, alerts, source, train, evals, abandoned, rollbacks, stops, run.read_summary(), replayed)
+        verdict += (
+            " (This run predates the current router rules: its layers were judged by replaying them over its metrics.)"
+        )
+    return Diagnosis(
+        path,
+        info,
+        status,
+        verdict,
+        layers,
+        alerts,
+        source,
+        train,
+        evals,
+        abandoned,
+        rollbacks,
+        stops,
+        run.read_summary(),
+        replayed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Text and HTML
 
 
-LAYER_HEADERS = ["layer", "status", "max/mean", "CV", "MaxVio", "effective experts", "dead", "token entropy", "mean-routing entropy", "z-loss", "max logit", "dropped", "max similarity"]
+LAYER_HEADERS = [
+    "layer",
+    "status",
+    "max/mean",
+    "CV",
+    "MaxVio",
+    "effective experts",
+    "dead",
+    "token entropy",
+    "mean-routing entropy",
+    "z-loss",
+    "max logit",
+    "dropped",
+    "max similarity",
+]
 
 
 def _fmt(summary: dict[str, float], name: str, spec: str) -> str:
@@ -355,11 +442,23 @@ def layer_rows(d: Diagnosis) -> list[list[str]]:
     for ld in d.layers:
         s = ld.summary
         ent = lambda name: "-" if name not in s else f"{s[name]:.2f} ({s[name] / lnE:.0%})"
-        rows.append([
-            str(ld.layer), ld.status, _fmt(s, "imbalance", ".2f"), _fmt(s, "cv", ".2f"), _fmt(s, "maxvio", ".2f"),
-            _fmt(s, "effective_experts", ".2f") + f" / {d.info.num_experts}", _fmt(s, "dead", ".0f"), ent("entropy"), ent("marginal_entropy"),
-            _fmt(s, "z_loss", "#.3g"), _fmt(s, "max_logit", ".2f"), "-" if "dropped_frac" not in s else f"{s['dropped_frac']:.1%}", _fmt(s, "similarity_max", ".2f"),
-        ])
+        rows.append(
+            [
+                str(ld.layer),
+                ld.status,
+                _fmt(s, "imbalance", ".2f"),
+                _fmt(s, "cv", ".2f"),
+                _fmt(s, "maxvio", ".2f"),
+                _fmt(s, "effective_experts", ".2f") + f" / {d.info.num_experts}",
+                _fmt(s, "dead", ".0f"),
+                ent("entropy"),
+                ent("marginal_entropy"),
+                _fmt(s, "z_loss", "#.3g"),
+                _fmt(s, "max_logit", ".2f"),
+                "-" if "dropped_frac" not in s else f"{s['dropped_frac']:.1%}",
+                _fmt(s, "similarity_max", ".2f"),
+            ]
+        )
     return rows
 
 
@@ -367,8 +466,26 @@ ALERT_HEADERS = ["step", "rule", "action", "layer", "message"]
 
 
 def alert_rows(d: Diagnosis) -> list[list[str]]:
-    rows = [[str(a["step"]), str(a.get("rule", "?")), str(a.get("action", "?")), "-" if alert_layer(a) is None else str(alert_layer(a)), str(a.get("message", ""))] for a in d.alerts]
-    rows += [[str(r["step"]), "rollback", "-", "-", f"rolled back to step {r.get('to_step', '?')} after a {r.get('rule', '?')} alert; the batches since that checkpoint were skipped"] for r in d.rollbacks]
+    rows = [
+        [
+            str(a["step"]),
+            str(a.get("rule", "?")),
+            str(a.get("action", "?")),
+            "-" if alert_layer(a) is None else str(alert_layer(a)),
+            str(a.get("message", "")),
+        ]
+        for a in d.alerts
+    ]
+    rows += [
+        [
+            str(r["step"]),
+            "rollback",
+            "-",
+            "-",
+            f"rolled back to step {r.get('to_step', '?')} after a {r.get('rule', '?')} alert; the batches since that checkpoint were skipped",
+        ]
+        for r in d.rollbacks
+    ]
     rows += [[str(r["step"]), "stop", "-", "-", str(r.get("message", ""))] for r in d.stops]
     return sorted(rows, key=lambda r: int(r[0]))
 
@@ -378,18 +495,28 @@ def diagnose_text(d: Diagnosis) -> str:
 
     lines = [f"{d.run}: {d.info.architecture}", "", f"verdict: {d.status.upper()}", d.verdict, ""]
     if d.layers:
-        lines += [text_table(LAYER_HEADERS, layer_rows(d)), "", "(means over the last 20% of logging intervals; max logit: the largest; dead: at the end)", ""]
+        lines += [
+            text_table(LAYER_HEADERS, layer_rows(d)),
+            "",
+            "(means over the last 20% of logging intervals; max logit: the largest; dead: at the end)",
+            "",
+        ]
     rows = alert_rows(d)
     lines.append(f"alerts and events: {len(rows) or 'none'}")
     lines += _alert_lines(rows)
     if d.replayed:
         lines.append(f"current layer rules replayed over the metrics (the run predates them): {len(d.replayed)}")
-        lines += _alert_lines([[str(a["step"]), a["rule"], a["action"], str(a.get("layer", "-")), a["message"]] for a in d.replayed])
+        lines += _alert_lines(
+            [[str(a["step"]), a["rule"], a["action"], str(a.get("layer", "-")), a["message"]] for a in d.replayed]
+        )
     return "\n".join(lines)
 
 
 def _alert_lines(rows: list[list[str]], limit: int = 30) -> list[str]:
-    lines = [f"  step {r[0]:>6}  {r[1]:<13} {r[2]:<8} {('layer ' + r[3]) if r[3] != '-' else '':<8} {r[4]}" for r in rows[:limit]]
+    lines = [
+        f"  step {r[0]:>6}  {r[1]:<13} {r[2]:<8} {('layer ' + r[3]) if r[3] != '-' else '':<8} {r[4]}"
+        for r in rows[:limit]
+    ]
     if len(rows) > limit:
         lines.append(f"  ... and {len(rows) - limit} more (see the report)")
     return lines
@@ -421,13 +548,23 @@ def _alert_table_html(d: Diagnosis) -> str:
     # NOTE: the shared report style right-aligns cells (for numbers); this table is words.
     out = "<style>.alerts td, .alerts th { text-align: left; }</style>"
     if rows:
-        note = " (from the alert lines of metrics.jsonl: this run has no alerts.jsonl)" if d.alerts_source == "metrics.jsonl" else ""
-        out += report.paragraph(f"{len(rows)} alerts and events raised during training{note}, in step order.") + _alerts_table(rows)
+        note = (
+            " (from the alert lines of metrics.jsonl: this run has no alerts.jsonl)"
+            if d.alerts_source == "metrics.jsonl"
+            else ""
+        )
+        out += report.paragraph(
+            f"{len(rows)} alerts and events raised during training{note}, in step order."
+        ) + _alerts_table(rows)
     else:
         out += report.paragraph("No alerts were raised during training.")
     if d.replayed:
-        replayed = [[str(a["step"]), a["rule"], a["action"], str(a.get("layer", "-")), a["message"]] for a in d.replayed]
-        out += report.paragraph("This run predates the current router rules; replayed over its logged metrics, they give:") + _alerts_table(replayed)
+        replayed = [
+            [str(a["step"]), a["rule"], a["action"], str(a.get("layer", "-")), a["message"]] for a in d.replayed
+        ]
+        out += report.paragraph(
+            "This run predates the current router rules; replayed over its logged metrics, they give:"
+        ) + _alerts_table(replayed)
     return out
 
 
@@ -447,11 +584,22 @@ def render_html(d: Diagnosis, plots: dict[str, list[tuple[Path, str]]]) -> str:
         meta += f"; {d.summary.get('step', '?')} steps, final validation loss {d.summary.get('val_loss', float('nan')):.4f} (stopped by {d.summary.get('stopped_by', '?')})"
     sections = [("", report.verdict(f"Verdict: {d.status.upper()}. {d.verdict}", kind))]
     if d.layers:
-        sections.append(("MoE layers at the end of the run", report.table(LAYER_HEADERS, layer_rows(d)) + report.paragraph(
-            "Means over the last 20% of logging intervals (max logit: the largest; dead: at the end). Entropies in nats, "
-            "with the fraction of ln E in brackets. Max similarity: the most similar pair of experts (cosine of their weights).")))
+        sections.append(
+            (
+                "MoE layers at the end of the run",
+                report.table(LAYER_HEADERS, layer_rows(d))
+                + report.paragraph(
+                    "Means over the last 20% of logging intervals (max logit: the largest; dead: at the end). Entropies in nats, "
+                    "with the fraction of ln E in brackets. Max similarity: the most similar pair of experts (cosine of their weights)."
+                ),
+            )
+        )
     sections.append(("Alerts", _alert_table_html(d)))
-    for key, title in (("training", "Loss, gradient norm and guardrail events"), ("load", "Expert load over time"), ("router", "Balance, entropy, router logits and experts")):
+    for key, title in (
+        ("training", "Loss, gradient norm and guardrail events"),
+        ("load", "Expert load over time"),
+        ("router", "Balance, entropy, router logits and experts"),
+    ):
         if plots.get(key):
             sections.append((title, report.figures(plots[key])))
     sections.append(("How to read this report", HOW_TO_READ))
@@ -473,7 +621,9 @@ def render_report(d: Diagnosis, out: str | Path | None = None) -> Path:
     try:
         from moelab.analysis.diagnose_plots import diagnose_plots
     except ImportError as exc:  # matplotlib is the optional `report` extra
-        raise MoelabError(f"the diagnose report needs matplotlib ({exc}); install it with pip install 'moelab[report]'") from None
+        raise MoelabError(
+            f"the diagnose report needs matplotlib ({exc}); install it with pip install 'moelab[report]'"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="moelab-diagnose-") as tmp:
         plots = diagnose_plots(d, Path(tmp))
         page = render_html(d, plots)  # the PNGs are embedded, so the temporary files can go

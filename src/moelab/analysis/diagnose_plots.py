@@ -42,43 +42,101 @@ def loss_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     steps = [r["step"] for r in d.train]
     ax_loss.plot(steps, [r["loss"] for r in d.train], color=_color(0), lw=1.2, label="train loss (interval mean)")
     if d.abandoned:
-        ax_loss.scatter([r["step"] for r in d.abandoned], [r["loss"] for r in d.abandoned], s=10, color="#999", label="undone by a rollback", zorder=2)
+        ax_loss.scatter(
+            [r["step"] for r in d.abandoned],
+            [r["loss"] for r in d.abandoned],
+            s=10,
+            color="#999",
+            label="undone by a rollback",
+            zorder=2,
+        )
     evals = [r for r in d.evals if isinstance(r.get("val_loss"), (int, float))]
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, lw=1, color=_color(1), label="validation loss")
-    grads = [(r["step"], r["grad_norm"]) for r in d.train if isinstance(r.get("grad_norm"), (int, float)) and r["grad_norm"] > 0]
+        ax_loss.plot(
+            [r["step"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            ms=3,
+            lw=1,
+            color=_color(1),
+            label="validation loss",
+        )
+    grads = [
+        (r["step"], r["grad_norm"])
+        for r in d.train
+        if isinstance(r.get("grad_norm"), (int, float)) and r["grad_norm"] > 0
+    ]
     if grads:
-        ax_grad.plot([g[0] for g in grads], [g[1] for g in grads], color=_color(2), lw=1.2, label="grad norm (last step of interval)")
-    gmax = [(r["step"], r["grad_norm_max"]) for r in d.train if isinstance(r.get("grad_norm_max"), (int, float)) and r["grad_norm_max"] > 0]
+        ax_grad.plot(
+            [g[0] for g in grads],
+            [g[1] for g in grads],
+            color=_color(2),
+            lw=1.2,
+            label="grad norm (last step of interval)",
+        )
+    gmax = [
+        (r["step"], r["grad_norm_max"])
+        for r in d.train
+        if isinstance(r.get("grad_norm_max"), (int, float)) and r["grad_norm_max"] > 0
+    ]
     if gmax:
-        ax_grad.plot([g[0] for g in gmax], [g[1] for g in gmax], color=_color(2), lw=0.8, alpha=0.45, label="grad norm (max over interval)")
+        ax_grad.plot(
+            [g[0] for g in gmax],
+            [g[1] for g in gmax],
+            color=_color(2),
+            lw=0.8,
+            alpha=0.45,
+            label="grad norm (max over interval)",
+        )
     spread = [g[1] for g in grads + gmax]
     if spread and max(spread) > 20 * min(spread):  # log scale only where it helps: early norms can be 100x later ones
         ax_grad.set_yscale("log")
     for rule, ax, label in (("loss_spike", ax_loss, "loss spike"), ("grad_spike", ax_grad, "grad-norm spike")):
         hits = [a for a in d.alerts if a.get("rule") == rule and isinstance(a.get("value"), (int, float))]
         if hits:
-            ax.scatter([a["step"] for a in hits], [a["value"] for a in hits], marker="^", s=60, color="#d93025", zorder=4, label=label)
+            ax.scatter(
+                [a["step"] for a in hits],
+                [a["value"] for a in hits],
+                marker="^",
+                s=60,
+                color="#d93025",
+                zorder=4,
+                label=label,
+            )
     nans = [a["step"] for a in d.alerts if a.get("rule") == "nan"]
     for ax in (ax_loss, ax_grad):
         for i, step in enumerate(nans):
-            ax.axvline(step, color="#d93025", lw=1.0, alpha=0.6, label="non-finite step" if i == 0 and ax is ax_loss else None)
+            ax.axvline(
+                step, color="#d93025", lw=1.0, alpha=0.6, label="non-finite step" if i == 0 and ax is ax_loss else None
+            )
         for i, r in enumerate(d.rollbacks):
-            ax.axvline(r["step"], color="#7b1fa2", ls="--", lw=1.2, label="rollback" if i == 0 and ax is ax_loss else None)
+            ax.axvline(
+                r["step"], color="#7b1fa2", ls="--", lw=1.2, label="rollback" if i == 0 and ax is ax_loss else None
+            )
     last = max([r["step"] for r in d.train + d.evals + d.rollbacks + d.stops] or [1])
 
     def label(step: int, text: str, row: int, color: str) -> None:
         # Text right of the line, or left of it near the right edge so it is not cut off.
         right = step > 0.8 * last
-        ax_loss.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(-3 if right else 3, -12 - 10 * row),
-                         textcoords="offset points", fontsize=7, color=color, ha="right" if right else "left")
+        ax_loss.annotate(
+            text,
+            (step, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(-3 if right else 3, -12 - 10 * row),
+            textcoords="offset points",
+            fontsize=7,
+            color=color,
+            ha="right" if right else "left",
+        )
 
     for i, r in enumerate(d.rollbacks):
         label(r["step"], f"rollback to {r.get('to_step', '?')}", i % 3, "#7b1fa2")
     for r in d.stops:
         ax_loss.axvline(r["step"], color="black", lw=1.2)
         label(r["step"], "stopped", 3, "black")
-    ys = [r["loss"] for r in d.train if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])] + [r["val_loss"] for r in evals]
+    ys = [r["loss"] for r in d.train if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])] + [
+        r["val_loss"] for r in evals
+    ]
     if len(ys) > 4:  # the first intervals sit far above the rest; keep the interesting range
         lo, hi = min(ys), sorted(ys)[int(0.9 * (len(ys) - 1))]
         ax_loss.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.35 * (hi - lo + 1e-9))
@@ -88,7 +146,9 @@ def loss_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     for ax in (ax_loss, ax_grad):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    return save(fig, out / "loss.png"), "Loss and gradient norm; spikes (triangles), non-finite steps (red lines) and rollbacks (dashed) marked"
+    return save(
+        fig, out / "loss.png"
+    ), "Loss and gradient norm; spikes (triangles), non-finite steps (red lines) and rollbacks (dashed) marked"
 
 
 def load_heatmaps(d: Diagnosis, out: Path) -> list[tuple[Path, str]]:
@@ -110,7 +170,14 @@ def load_heatmaps(d: Diagnosis, out: Path) -> list[tuple[Path, str]]:
             n = max(len(v) for _, v in rows)
             grid = [[(v[e] * n if e < len(v) else float("nan")) for _, v in rows] for e in range(n)]
             top = max(2.0, n / k)
-            mesh = ax.pcolormesh([s for s, _ in rows], list(range(n)), grid, shading="nearest", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top))
+            mesh = ax.pcolormesh(
+                [s for s, _ in rows],
+                list(range(n)),
+                grid,
+                shading="nearest",
+                cmap="RdBu_r",
+                norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top),
+            )
             ax.set_ylabel(f"layer {layer}\nexpert")
             if n <= 16:
                 ax.set_yticks(range(n))
@@ -135,7 +202,9 @@ def _per_layer(ax, d: Diagnosis, name: str, scale: float = 1.0) -> bool:
     if drawn:
         ax.legend(fontsize=7, ncol=min(4, len(d.layers)), loc="best")
     else:
-        ax.text(0.5, 0.5, f"{name} not logged by this run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.text(
+            0.5, 0.5, f"{name} not logged by this run", ha="center", va="center", transform=ax.transAxes, fontsize=8
+        )
     ax.grid(alpha=0.3)
     return drawn
 
@@ -146,7 +215,15 @@ def balance_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     fig, (ax_imb, ax_eff, ax_cv) = _figure(3, row_height=2.4)
     _per_layer(ax_imb, d, "imbalance")
     ax_imb.axhline(E / k, color="#555", ls="--", lw=0.8)
-    ax_imb.annotate(f"E/k = {E / k:g}: all on k experts", (0.0, E / k), xycoords=("axes fraction", "data"), xytext=(3, -10), textcoords="offset points", fontsize=7, color="#555")
+    ax_imb.annotate(
+        f"E/k = {E / k:g}: all on k experts",
+        (0.0, E / k),
+        xycoords=("axes fraction", "data"),
+        xytext=(3, -10),
+        textcoords="offset points",
+        fontsize=7,
+        color="#555",
+    )
     ax_imb.set_ylabel("max / mean load")
     if not _per_layer(ax_eff, d, "effective_experts"):
         # Older runs: compute from the shares.
@@ -154,17 +231,30 @@ def balance_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
 
         for i, ld in enumerate(d.layers):
             steps, shares = layer_series(d.train, ld.layer, "share")
-            ax_eff.plot(steps, [effective_experts(s) for s in shares], color=_color(i), lw=1.1, label=f"layer {ld.layer}")
+            ax_eff.plot(
+                steps, [effective_experts(s) for s in shares], color=_color(i), lw=1.1, label=f"layer {ld.layer}"
+            )
     line = E - cfg.collapse_score * (E - k)
     ax_eff.axhline(line, color="#d93025", ls="--", lw=0.9)
-    ax_eff.annotate(f"collapse below {line:.2g} (score {cfg.collapse_score:g})", (0.0, line), xycoords=("axes fraction", "data"), xytext=(3, -10), textcoords="offset points", fontsize=7, color="#d93025")
+    ax_eff.annotate(
+        f"collapse below {line:.2g} (score {cfg.collapse_score:g})",
+        (0.0, line),
+        xycoords=("axes fraction", "data"),
+        xytext=(3, -10),
+        textcoords="offset points",
+        fontsize=7,
+        color="#d93025",
+    )
     ax_eff.set_ylim(0, E * 1.05)
     ax_eff.set_ylabel("effective experts")
     _mark_layer_alerts(ax_eff, d, None, ("collapse",))
     _per_layer(ax_cv, d, "cv")
     ax_cv.set_ylabel("coefficient of variation")
     ax_cv.set_xlabel("step")
-    return save(fig, out / "balance.png"), "Load balance per layer: max/mean load, effective number of experts (dotted: collapse alerts) and coefficient of variation"
+    return (
+        save(fig, out / "balance.png"),
+        "Load balance per layer: max/mean load, effective number of experts (dotted: collapse alerts) and coefficient of variation",
+    )
 
 
 def entropy_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
@@ -178,7 +268,9 @@ def entropy_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     ax_mean.set_xlabel("step")
     for ax in (ax_tok, ax_mean):
         ax.set_ylim(0, 1.05)
-    return save(fig, out / "entropy.png"), "Router entropy as a fraction of ln E: per token (confidence) and of the mean routing distribution (spread)"
+    return save(
+        fig, out / "entropy.png"
+    ), "Router entropy as a fraction of ln E: per token (confidence) and of the mean routing distribution (spread)"
 
 
 def logit_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
@@ -190,15 +282,33 @@ def logit_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     top = max([1e-3] + [v for ld in d.layers for v in _finite_pts(*layer_series(d.train, ld.layer, "max_logit"))[1]])
     if top >= 0.3 * cfg.logit_growth:
         ax_max.axhline(cfg.logit_growth, color="#d93025", ls="--", lw=0.9)
-        ax_max.annotate(f"alert above {cfg.logit_growth:g}", (0.0, cfg.logit_growth), xycoords=("axes fraction", "data"), xytext=(3, -10), textcoords="offset points", fontsize=7, color="#d93025")
+        ax_max.annotate(
+            f"alert above {cfg.logit_growth:g}",
+            (0.0, cfg.logit_growth),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, -10),
+            textcoords="offset points",
+            fontsize=7,
+            color="#d93025",
+        )
         ax_max.set_ylim(0, max(top, cfg.logit_growth) * 1.1)
     else:  # far below the limit: drawing it would flatten the curves into the axis
         ax_max.set_ylim(0, top * 1.3)
-        ax_max.annotate(f"alert limit {cfg.logit_growth:g} is off the scale", (0.0, 1.0), xycoords="axes fraction", xytext=(3, -10), textcoords="offset points", fontsize=7, color="#d93025")
+        ax_max.annotate(
+            f"alert limit {cfg.logit_growth:g} is off the scale",
+            (0.0, 1.0),
+            xycoords="axes fraction",
+            xytext=(3, -10),
+            textcoords="offset points",
+            fontsize=7,
+            color="#d93025",
+        )
     ax_max.set_ylabel("max router logit")
     ax_max.set_xlabel("step")
     _mark_layer_alerts(ax_max, d, None, ("logit_growth",))
-    return save(fig, out / "logits.png"), "Router z-loss and the largest router logit per layer (dashed: the logit-growth limit)"
+    return save(
+        fig, out / "logits.png"
+    ), "Router z-loss and the largest router logit per layer (dashed: the logit-growth limit)"
 
 
 def experts_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
@@ -210,7 +320,9 @@ def experts_plot(d: Diagnosis, out: Path) -> tuple[Path, str]:
     _per_layer(ax_sim, d, "similarity_max")
     ax_sim.set_ylabel("max expert similarity")
     ax_sim.set_xlabel("step")
-    return save(fig, out / "experts.png"), "Dead experts, slots dropped by capacity, and the cosine similarity of the most similar pair of experts"
+    return save(
+        fig, out / "experts.png"
+    ), "Dead experts, slots dropped by capacity, and the cosine similarity of the most similar pair of experts"
 
 
 def diagnose_plots(d: Diagnosis, out: Path) -> dict[str, list[tuple[Path, str]]]:

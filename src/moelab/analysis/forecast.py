@@ -44,11 +44,15 @@ def scale_width(base: RunConfig, width: int) -> RunConfig:
     m.ffn_hidden = _scaled(m.ffn_hidden, factor)
     if m.moe is not None:
         shared = _scaled(m.moe.shared_expert_hidden, factor) if m.moe.shared_expert_hidden else 0
-        m.moe = dataclasses.replace(m.moe, expert_hidden=_scaled(m.moe.expert_hidden, factor), shared_expert_hidden=shared)
+        m.moe = dataclasses.replace(
+            m.moe, expert_hidden=_scaled(m.moe.expert_hidden, factor), shared_expert_hidden=shared
+        )
     return cfg.validate()
 
 
-def ladder_configs(base: RunConfig, widths: list[int], tokens: list[float], evals: int = 4) -> list[tuple[str, RunConfig]]:
+def ladder_configs(
+    base: RunConfig, widths: list[int], tokens: list[float], evals: int = 4
+) -> list[tuple[str, RunConfig]]:
     if base.model.moe is None:
         raise MoelabError("the forecast ladder needs an MoE base config (its dense twin is derived)")
     runs = []
@@ -81,15 +85,30 @@ def parse_holdout(text: str, widths: list[int], tokens: list[float]) -> tuple[in
         except ValueError:
             width, count = -1, math.nan
         known = [rung_name(w, t) for w in widths for t in tokens]
-        if not (sep and width_text.startswith("w")) or width not in widths or not any(math.isclose(count, t, rel_tol=1e-6) for t in tokens):
-            raise MoelabError(f"--holdout {text!r} is not a rung of the ladder: one of {', '.join(known)}, 'largest' or 'none'")
+        if (
+            not (sep and width_text.startswith("w"))
+            or width not in widths
+            or not any(math.isclose(count, t, rel_tol=1e-6) for t in tokens)
+        ):
+            raise MoelabError(
+                f"--holdout {text!r} is not a rung of the ladder: one of {', '.join(known)}, 'largest' or 'none'"
+            )
         count = next(t for t in tokens if math.isclose(count, t, rel_tol=1e-6))
     if rungs < 5 and text != "largest":
-        raise MoelabError(f"--holdout {text!r} needs a ladder of at least 5 rungs (widths x tokens) to fit without it; this one has {rungs}")
+        raise MoelabError(
+            f"--holdout {text!r} needs a ladder of at least 5 rungs (widths x tokens) to fit without it; this one has {rungs}"
+        )
     return width, count
 
 
-def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Path, log: Callable[[str], None] = print, progress: bool = True) -> list[Point]:
+def run_ladder(
+    base: RunConfig,
+    widths: list[int],
+    tokens: list[float],
+    out: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[Point]:
     points = []
     configs = ladder_configs(base, widths, tokens)
     campaign = Campaign([PlannedRun(label, planned_flops(cfg)) for label, cfg in configs], log)
@@ -97,13 +116,15 @@ def run_ladder(base: RunConfig, widths: list[int], tokens: list[float], out: Pat
         summary = campaign_run(campaign, label, cfg, Path(out) / "runs" / label, log, progress)
         vocab = summary["params"]
         moe = cfg.model.moe
-        points.append(Point(
-            N=float(vocab["active_non_embedding"]),
-            D=float(summary["tokens"]),
-            E=float(moe.num_experts if moe else 1),
-            loss=float(summary["val_loss"]),
-            label=label,
-        ))
+        points.append(
+            Point(
+                N=float(vocab["active_non_embedding"]),
+                D=float(summary["tokens"]),
+                E=float(moe.num_experts if moe else 1),
+                loss=float(summary["val_loss"]),
+                label=label,
+            )
+        )
     return points
 
 
@@ -125,7 +146,12 @@ def ladder_backtest(points: list[Point], holdout: tuple[int, float] | None, samp
 
 
 def forecast_report(
-    points: list[Point], target_params: float, target_tokens: float, experts: float, samples: int, out: Path,
+    points: list[Point],
+    target_params: float,
+    target_tokens: float,
+    experts: float,
+    samples: int,
+    out: Path,
     holdout: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     fit = bootstrap(points, fit_law(points), samples=samples)

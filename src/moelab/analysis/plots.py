@@ -26,7 +26,12 @@ def compare_plots(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
     plots = []
     dense_final = results["models"]["dense"]["val_loss"]
     for key, xlabel, filename, caption in (
-        ("flops", "training FLOPs", "loss_vs_flops.png", "Validation loss vs training FLOPs (dashed: the dense model's final loss)"),
+        (
+            "flops",
+            "training FLOPs",
+            "loss_vs_flops.png",
+            "Validation loss vs training FLOPs (dashed: the dense model's final loss)",
+        ),
         ("train_s", "training time (s)", "loss_vs_time.png", "Validation loss vs training wall time"),
     ):
         fig, ax = new_figure()
@@ -35,10 +40,25 @@ def compare_plots(results: dict[str, Any], out: Path) -> list[tuple[Path, str]]:
             xs, ys = c[key], c["val_loss"]
             points = [(x, y) for x, y in zip(xs, ys) if x > 0]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=COLORS[i % len(COLORS)], label=f"{name}: {r['architecture']}")
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    ms=3,
+                    color=COLORS[i % len(COLORS)],
+                    label=f"{name}: {r['architecture']}",
+                )
             if key == "flops" and r.get("cooldown_curve"):
                 cooled = r["cooldown_curve"]
-                ax.plot(cooled["flops"], cooled["val_loss"], ls=":", marker="D", ms=4, color=COLORS[i % len(COLORS)], label=f"{name}: cooled down at smaller budgets")
+                ax.plot(
+                    cooled["flops"],
+                    cooled["val_loss"],
+                    ls=":",
+                    marker="D",
+                    ms=4,
+                    color=COLORS[i % len(COLORS)],
+                    label=f"{name}: cooled down at smaller budgets",
+                )
         ax.axhline(dense_final, color="#555", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -58,11 +78,30 @@ def tuning_plot(tuning: dict[str, Any], out: Path) -> tuple[Path, str]:
         color = COLORS[i % len(COLORS)]
         others = sorted({tuple((k, v) for k, v in p["settings"].items() if k != "lr") for p in t["points"]})
         for j, other in enumerate(others):
-            pts = sorted((p["settings"]["lr"], p["val_loss"]) for p in t["points"]
-                         if tuple((k, v) for k, v in p["settings"].items() if k != "lr") == other and p["val_loss"] is not None)
+            pts = sorted(
+                (p["settings"]["lr"], p["val_loss"])
+                for p in t["points"]
+                if tuple((k, v) for k, v in p["settings"].items() if k != "lr") == other and p["val_loss"] is not None
+            )
             suffix = (" (" + ", ".join(f"{k} {v:g}" for k, v in other) + ")") if other else ""
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4, ls=["-", "--", ":", "-."][j % 4], color=color, label=f"{arm}{suffix}")
-        ax.scatter([t["best"]["lr"]], [t["best_val_loss"]], s=140, facecolors="none", edgecolors=color, linewidths=1.5, zorder=4)
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                marker="o",
+                ms=4,
+                ls=["-", "--", ":", "-."][j % 4],
+                color=color,
+                label=f"{arm}{suffix}",
+            )
+        ax.scatter(
+            [t["best"]["lr"]],
+            [t["best_val_loss"]],
+            s=140,
+            facecolors="none",
+            edgecolors=color,
+            linewidths=1.5,
+            zorder=4,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss of the tuning run")
@@ -81,7 +120,9 @@ def _zoom(ax, ys: Sequence[float]) -> None:
         ax.set_ylim(lo - pad, hi + 4 * pad)
 
 
-def tradeoff_plots(rows: list[dict[str, Any]], out: Path, costs: Sequence[tuple[str, str, bool]]) -> list[tuple[Path, str]]:
+def tradeoff_plots(
+    rows: list[dict[str, Any]], out: Path, costs: Sequence[tuple[str, str, bool]]
+) -> list[tuple[Path, str]]:
     """Quality (validation loss) against each cost; Pareto-optimal points circled and joined.
     costs: (row key, axis label, higher-is-better) — throughput is converted to seconds per token."""
     from moelab.analysis.curves import pareto_front
@@ -94,8 +135,22 @@ def tradeoff_plots(rows: list[dict[str, Any]], out: Path, costs: Sequence[tuple[
         for i, r in enumerate(rows):
             ax.scatter(pts[i][0], pts[i][1], color=COLORS[i % len(COLORS)], s=30, zorder=3)
             ax.annotate(r["label"], pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="#2e9e5b", lw=1.5, zorder=2, label="Pareto frontier")
-        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=110, facecolors="none", edgecolors="#2e9e5b", zorder=4)
+        ax.plot(
+            [pts[i][0] for i in front],
+            [pts[i][1] for i in front],
+            color="#2e9e5b",
+            lw=1.5,
+            zorder=2,
+            label="Pareto frontier",
+        )
+        ax.scatter(
+            [pts[i][0] for i in front],
+            [pts[i][1] for i in front],
+            s=110,
+            facecolors="none",
+            edgecolors="#2e9e5b",
+            zorder=4,
+        )
         ax.set_xlabel(("seconds per token (1 / " + label + ")") if higher_better else label)
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
@@ -121,7 +176,14 @@ def scaling_plots(points, law, result, out: Path) -> list[tuple[Path, str]]:
         for E, style, marker in ((1.0, "-", "o"), (moe_E, "--", "s")):
             pts = [p for p in points if p.D == D and p.E == E]
             ax.scatter([p.N for p in pts], [p.loss for p in pts], color=color, marker=marker, s=25, zorder=3)
-            ax.plot(grid, law.loss(grid, D, E), style, color=color, lw=1, label=f"{'dense' if E == 1 else f'MoE E={E:g}'}, {D:.2g} tokens")
+            ax.plot(
+                grid,
+                law.loss(grid, D, E),
+                style,
+                color=color,
+                lw=1,
+                label=f"{'dense' if E == 1 else f'MoE E={E:g}'}, {D:.2g} tokens",
+            )
     ax.scatter([result.N], [result.dense], marker="*", s=120, color="black", zorder=4, label="forecast: dense")
     ax.scatter([result.N], [result.moe], marker="*", s=120, color="#d62728", zorder=4, label="forecast: MoE")
     # NOTE: the intervals are drawn as they are, not as errors around the point: they are bootstrap
@@ -135,7 +197,12 @@ def scaling_plots(points, law, result, out: Path) -> list[tuple[Path, str]]:
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    plots = [(save(fig, out / "scaling_fit.png"), f"Fitted law (lines) against ladder runs (points); stars: forecast at {result.N:.3g} parameters, {result.D:.3g} tokens (the forecast's own token count; lines use each ladder budget)")]
+    plots = [
+        (
+            save(fig, out / "scaling_fit.png"),
+            f"Fitted law (lines) against ladder runs (points); stars: forecast at {result.N:.3g} parameters, {result.D:.3g} tokens (the forecast's own token count; lines use each ladder budget)",
+        )
+    ]
     fig, ax = new_figure(5.2, 3.6)
     pred = [float(law.loss(p.N, p.D, p.E)) for p in points]
     ax.scatter(pred, [p.loss for p in points], color=COLORS[0])

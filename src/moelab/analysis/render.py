@@ -15,8 +15,19 @@ def _mult(value: float | None) -> str:
 
 
 COMPARE_HEADERS = [
-    "model", "architecture", "lr", "total params", "active params", "train FLOPs/token", "train tok/s", "wall time",
-    "peak memory", "val loss", "val ppl", "infer tok/s (batch 1)", "compute multiplier",
+    "model",
+    "architecture",
+    "lr",
+    "total params",
+    "active params",
+    "train FLOPs/token",
+    "train tok/s",
+    "wall time",
+    "peak memory",
+    "val loss",
+    "val ppl",
+    "infer tok/s (batch 1)",
+    "compute multiplier",
 ]
 
 
@@ -41,21 +52,23 @@ def compare_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, r in results["models"].items():
         lr = r.get("settings", {}).get("lr")
-        rows.append([
-            name,
-            r["architecture"],
-            "-" if lr is None else f"{lr:g}" + (" (tuned)" if r.get("tuned_settings") else ""),
-            format_count(r["total_params"]),
-            format_count(r["active_params"]),
-            format_count(r["train_flops_per_token"]),
-            format_count(r["tokens_per_s"]),
-            format_duration(r["wall_s"]),
-            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
-            _loss_cell(r),
-            f"{r['val_ppl']:.2f}",
-            f"{r['inference_tokens_per_s']:.0f}",
-            "baseline" if name == "dense" else _mult_cell(r),
-        ])
+        rows.append(
+            [
+                name,
+                r["architecture"],
+                "-" if lr is None else f"{lr:g}" + (" (tuned)" if r.get("tuned_settings") else ""),
+                format_count(r["total_params"]),
+                format_count(r["active_params"]),
+                format_count(r["train_flops_per_token"]),
+                format_count(r["tokens_per_s"]),
+                format_duration(r["wall_s"]),
+                f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+                _loss_cell(r),
+                f"{r['val_ppl']:.2f}",
+                f"{r['inference_tokens_per_s']:.0f}",
+                "baseline" if name == "dense" else _mult_cell(r),
+            ]
+        )
     return rows
 
 
@@ -90,7 +103,11 @@ def compare_text(results: dict[str, Any]) -> str:
     lines = [_setup_line(results), ""]
     if results.get("tuning"):
         first = next(iter(results["tuning"].values()))
-        lines += [f"tuning at {first['fraction']:g} of the budget ({first['budget_text']}):", text_table(TUNING_HEADERS, tuning_rows(results["tuning"])), ""]
+        lines += [
+            f"tuning at {first['fraction']:g} of the budget ({first['budget_text']}):",
+            text_table(TUNING_HEADERS, tuning_rows(results["tuning"])),
+            "",
+        ]
     lines.append(text_table(COMPARE_HEADERS, compare_rows(results)))
     lines.append("")
     lines += [v["text"] for v in results["verdicts"].values()]
@@ -99,7 +116,9 @@ def compare_text(results: dict[str, Any]) -> str:
 
 
 def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
-    pairing = "matched active compute (same FLOPs per token)" if results["match"] == "active" else "matched total parameters"
+    pairing = (
+        "matched active compute (same FLOPs per token)" if results["match"] == "active" else "matched total parameters"
+    )
     verdict_html = "".join(report.verdict(v["text"], v["kind"]) for v in results["verdicts"].values())
     verdict_html += "".join(report.verdict(c, "warn") for c in results.get("caveats", []))
     notes = report.paragraph(
@@ -118,10 +137,17 @@ def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> st
     sections = [("", verdict_html)]
     if results.get("tuning"):
         first = next(iter(results["tuning"].values()))
-        sections.append(("Tuning", report.paragraph(
-            f"Every model was trained at each point of its own grid with {first['fraction']:g} of the budget "
-            f"({first['budget_text']}, a complete shorter run of its schedule, seed {results['seeds'][0]}); its final runs use "
-            "the point with the lowest final validation loss.") + report.table(TUNING_HEADERS, tuning_rows(results["tuning"]))))
+        sections.append(
+            (
+                "Tuning",
+                report.paragraph(
+                    f"Every model was trained at each point of its own grid with {first['fraction']:g} of the budget "
+                    f"({first['budget_text']}, a complete shorter run of its schedule, seed {results['seeds'][0]}); its final runs use "
+                    "the point with the lowest final validation loss."
+                )
+                + report.table(TUNING_HEADERS, tuning_rows(results["tuning"])),
+            )
+        )
     sections += [
         ("Models", report.table(COMPARE_HEADERS, compare_rows(results)) + notes),
         ("Learning curves and tuning", report.figures(plots)),
@@ -129,24 +155,54 @@ def render_compare(results: dict[str, Any], plots: list[tuple[Path, str]]) -> st
     return report.page("moelab compare: dense vs sparse", _setup_line(results) + f"; {pairing}", sections)
 
 
-SWEEP_HEADERS = ["point", "E", "G (=k)", "I", "total params", "val loss", "train tok/s", "infer tok/s", "peak memory", "Pareto-optimal for"]
+SWEEP_HEADERS = [
+    "point",
+    "E",
+    "G (=k)",
+    "I",
+    "total params",
+    "val loss",
+    "train tok/s",
+    "infer tok/s",
+    "peak memory",
+    "Pareto-optimal for",
+]
 
 
 def sweep_rows(results: dict[str, Any]) -> list[list[str]]:
-    names = {"total_params": "params", "peak_memory_bytes": "memory", "tokens_per_s": "train speed", "inference_tokens_per_s": "infer speed"}
+    names = {
+        "total_params": "params",
+        "peak_memory_bytes": "memory",
+        "tokens_per_s": "train speed",
+        "inference_tokens_per_s": "infer speed",
+    }
     rows = []
     for r in results["rows"]:
         optimal = [names[k] for k, labels in results["pareto"].items() if r["label"] in labels]
-        rows.append([
-            r["label"], str(r["experts"]), str(r["granularity"]), str(r["expert_hidden"]), format_count(r["total_params"]),
-            f"{r['val_loss']:.4f}", format_count(r["tokens_per_s"]), f"{r['inference_tokens_per_s']:.0f}",
-            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", ", ".join(optimal) or "-",
-        ])
+        rows.append(
+            [
+                r["label"],
+                str(r["experts"]),
+                str(r["granularity"]),
+                str(r["expert_hidden"]),
+                format_count(r["total_params"]),
+                f"{r['val_loss']:.4f}",
+                format_count(r["tokens_per_s"]),
+                f"{r['inference_tokens_per_s']:.0f}",
+                f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+                ", ".join(optimal) or "-",
+            ]
+        )
     return rows
 
 
 def sweep_text(results: dict[str, Any]) -> str:
-    lines = [f"budget: {results['budget_text']}, fixed active compute", "", text_table(SWEEP_HEADERS, sweep_rows(results)), ""]
+    lines = [
+        f"budget: {results['budget_text']}, fixed active compute",
+        "",
+        text_table(SWEEP_HEADERS, sweep_rows(results)),
+        "",
+    ]
     lines.append(f"lowest validation loss: {results['best']}")
     lines += [f"skipped {s}" for s in results["skipped"]]
     return "\n".join(lines)
@@ -181,9 +237,21 @@ def backtest_rows(bt: dict[str, Any]) -> list[list[str]]:
     for key, label in (("dense", "dense"), ("moe", "MoE"), ("advantage", "advantage (dense - MoE)")):
         lo, hi = bt["interval"][key]
         fmt = "{:+.4f}" if key == "advantage" else "{:.4f}"
-        error = f"{bt['error_percent'][key]:+.1f}%" if key in bt["error_percent"] else f"{bt['predicted'][key] - bt['measured'][key]:+.4f} nats"
-        rows.append([label, fmt.format(bt["predicted"][key]), f"[{fmt.format(lo)}, {fmt.format(hi)}]", fmt.format(bt["measured"][key]), error,
-                     "yes" if bt["covered"][key] else "NO"])
+        error = (
+            f"{bt['error_percent'][key]:+.1f}%"
+            if key in bt["error_percent"]
+            else f"{bt['predicted'][key] - bt['measured'][key]:+.4f} nats"
+        )
+        rows.append(
+            [
+                label,
+                fmt.format(bt["predicted"][key]),
+                f"[{fmt.format(lo)}, {fmt.format(hi)}]",
+                fmt.format(bt["measured"][key]),
+                error,
+                "yes" if bt["covered"][key] else "NO",
+            ]
+        )
     return rows
 
 
@@ -199,7 +267,9 @@ def forecast_text(data: dict[str, Any]) -> str:
     for name in LAW_CONSTANTS:
         lo, hi = spread.get(name, (float("nan"), float("nan")))
         lines.append(f"  {name:6s} {law.get(name, 0.0):10.4g}   95% bootstrap interval [{lo:.4g}, {hi:.4g}]")
-    lines.append(f"  N0     {law['n0']:10.4g}   D0 {law.get('d0', 1.0):.4g}; R^2 {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, {len(data['points'])} runs, {data['bootstrap_fits']} bootstrap fits")
+    lines.append(
+        f"  N0     {law['n0']:10.4g}   D0 {law.get('d0', 1.0):.4g}; R^2 {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, {len(data['points'])} runs, {data['bootstrap_fits']} bootstrap fits"
+    )
     lines += [
         "",
         f"forecast at N = {f['N']:.3g} active parameters, D = {f['D']:.3g} tokens, E = {f['E']:g} experts ({level:.0%} prediction intervals):",
@@ -211,12 +281,17 @@ def forecast_text(data: dict[str, Any]) -> str:
     if bt and "skipped" in bt:
         lines += ["", f"backtest skipped: {bt['skipped']}"]
     elif bt:
-        lines += ["", f"backtest: the law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs) against what that rung measured:",
-                  text_table(BACKTEST_HEADERS, backtest_rows(bt))]
+        lines += [
+            "",
+            f"backtest: the law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs) against what that rung measured:",
+            text_table(BACKTEST_HEADERS, backtest_rows(bt)),
+        ]
     lines += ["", f"The MoE advantage is predicted to {TREND_VERB[f['trend']].upper()}: {f['why']}."]
     lines += [f"WARNING: {w}" for w in f["warnings"]]
     if bt and "covered" in bt and not all(bt["covered"].values()):
-        lines.append(f"WARNING: the backtest's intervals missed what rung {bt['rung']} measured: treat the forecast above with at least that much doubt")
+        lines.append(
+            f"WARNING: the backtest's intervals missed what rung {bt['rung']} measured: treat the forecast above with at least that much doubt"
+        )
     return "\n".join(lines)
 
 
@@ -226,7 +301,10 @@ def render_forecast(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
     kind = {"grows": "good", "holds": "good", "shrinks": "warn", "flips": "bad"}[f["trend"]]
     warnings = "".join(report.verdict("Warning: " + w, "warn") for w in f["warnings"])
     law = data["law"]
-    rows = [[n, f"{law.get(n, 0.0):.4g}", *(f"{v:.4g}" for v in data["spread_95"].get(n, (float('nan'), float('nan'))))] for n in LAW_CONSTANTS]
+    rows = [
+        [n, f"{law.get(n, 0.0):.4g}", *(f"{v:.4g}" for v in data["spread_95"].get(n, (float("nan"), float("nan"))))]
+        for n in LAW_CONSTANTS
+    ]
     runs = [[p["label"], f"{p['N']:.3g}", f"{p['D']:.3g}", f"{p['E']:g}", f"{p['loss']:.4f}"] for p in data["points"]]
     bt = data.get("backtest")
     if bt and "skipped" in bt:
@@ -235,26 +313,53 @@ def render_forecast(data: dict[str, Any], plots: list[tuple[Path, str]]) -> str:
         missed = not all(bt["covered"].values())
         backtest_html = report.paragraph(
             f"The law refitted without rung {bt['rung']} ({bt['fitted_runs']} runs), its prediction for that rung against what "
-            f"the rung's runs measured. Read the forecast's error from this: the target lies much further from the ladder.") + report.table(BACKTEST_HEADERS, backtest_rows(bt))
+            f"the rung's runs measured. Read the forecast's error from this: the target lies much further from the ladder."
+        ) + report.table(BACKTEST_HEADERS, backtest_rows(bt))
         if missed:
-            backtest_html = report.verdict(f"The backtest's intervals missed what rung {bt['rung']} measured.", "bad") + backtest_html
+            backtest_html = (
+                report.verdict(f"The backtest's intervals missed what rung {bt['rung']} measured.", "bad")
+                + backtest_html
+            )
     else:
         backtest_html = report.paragraph("No backtest (--holdout none).")
     return report.page(
         "moelab forecast: will the MoE advantage survive a larger budget?",
         f"target: {f['N']:.3g} active parameters, {f['D']:.3g} tokens, {f['E']:g} experts",
         [
-            ("", report.verdict(f"The MoE advantage is predicted to {TREND_VERB[f['trend']]}: {f['why']}.", kind) + warnings),
-            ("Forecast", report.table(["model", "loss", f"{level:.0%} low", f"{level:.0%} high"], [
-                ["dense", f"{f['dense']:.4f}", f"{f['dense_ci'][0]:.4f}", f"{f['dense_ci'][1]:.4f}"],
-                ["MoE", f"{f['moe']:.4f}", f"{f['moe_ci'][0]:.4f}", f"{f['moe_ci'][1]:.4f}"],
-                ["advantage (dense - MoE)", f"{f['advantage']:+.4f}", f"{f['advantage_ci'][0]:+.4f}", f"{f['advantage_ci'][1]:+.4f}"],
-            ]) + report.paragraph("Prediction intervals: every bootstrap refit's prediction times the residual scatter of the fit "
-                                  "(corrected for the number of fitted constants), so they say what a run at the target could measure.")),
+            (
+                "",
+                report.verdict(f"The MoE advantage is predicted to {TREND_VERB[f['trend']]}: {f['why']}.", kind)
+                + warnings,
+            ),
+            (
+                "Forecast",
+                report.table(
+                    ["model", "loss", f"{level:.0%} low", f"{level:.0%} high"],
+                    [
+                        ["dense", f"{f['dense']:.4f}", f"{f['dense_ci'][0]:.4f}", f"{f['dense_ci'][1]:.4f}"],
+                        ["MoE", f"{f['moe']:.4f}", f"{f['moe_ci'][0]:.4f}", f"{f['moe_ci'][1]:.4f}"],
+                        [
+                            "advantage (dense - MoE)",
+                            f"{f['advantage']:+.4f}",
+                            f"{f['advantage_ci'][0]:+.4f}",
+                            f"{f['advantage_ci'][1]:+.4f}",
+                        ],
+                    ],
+                )
+                + report.paragraph(
+                    "Prediction intervals: every bootstrap refit's prediction times the residual scatter of the fit "
+                    "(corrected for the number of fitted constants), so they say what a run at the target could measure."
+                ),
+            ),
             ("Backtest", backtest_html),
-            ("Fitted law", report.paragraph(f"{LAW_TEXT}, fitted on log loss; intervals from refits on resampled runs.")
-             + report.table(["constant", "value", "95% low", "95% high"], rows)
-             + report.paragraph(f"R^2 = {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, N0 = {law['n0']:.4g}, D0 = {law.get('d0', 1.0):.4g}.")),
+            (
+                "Fitted law",
+                report.paragraph(f"{LAW_TEXT}, fitted on log loss; intervals from refits on resampled runs.")
+                + report.table(["constant", "value", "95% low", "95% high"], rows)
+                + report.paragraph(
+                    f"R^2 = {data['r2']:.4f}, rms log residual {data['rmse_log']:.4f}, N0 = {law['n0']:.4g}, D0 = {law.get('d0', 1.0):.4g}."
+                ),
+            ),
             ("Fit and ladder", report.figures(plots)),
             ("Ladder runs", report.table(["run", "active params N", "tokens D", "experts E", "final val loss"], runs)),
         ],

@@ -42,7 +42,11 @@ def verdict(text: str, kind: str) -> str:
 
 
 def figures(items: Sequence[tuple[str | Path, str]]) -> str:
-    figs = "".join(f'<figure><img src="{png_data_uri(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>' for p, c in items if Path(p).is_file())
+    figs = "".join(
+        f'<figure><img src="{png_data_uri(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+        for p, c in items
+        if Path(p).is_file()
+    )
     return f'<div class="figs">{figs}</div>'
 
 

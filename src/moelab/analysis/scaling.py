@@ -116,16 +116,18 @@ def fit_law(points: Sequence[Point], restarts: int = 24, seed: int = 0) -> Fit:
     upper = np.array([L.min(), 1e6, 1.5, 2.0, 2.0, 1e6, 1.5, 2.0])
     best = None
     for i in range(restarts):
-        start = np.array([
-            L.min() * rng.uniform(0.2, 0.9),
-            10 ** rng.uniform(0, 3),
-            rng.uniform(0.1, 0.6),
-            rng.uniform(0.0, 0.3),
-            rng.uniform(-0.1, 0.05),
-            10 ** rng.uniform(0, 3),
-            rng.uniform(0.1, 0.6),
-            rng.uniform(-0.05, 0.05),
-        ])
+        start = np.array(
+            [
+                L.min() * rng.uniform(0.2, 0.9),
+                10 ** rng.uniform(0, 3),
+                rng.uniform(0.1, 0.6),
+                rng.uniform(0.0, 0.3),
+                rng.uniform(-0.1, 0.05),
+                10 ** rng.uniform(0, 3),
+                rng.uniform(0.1, 0.6),
+                rng.uniform(-0.05, 0.05),
+            ]
+        )
         start = np.clip(start, lower + 1e-9, upper - 1e-9)
         try:
             res = least_squares(_residuals, start, bounds=(lower, upper), args=(n0, d0, N, D, E, L), max_nfev=4000)
@@ -138,7 +140,7 @@ def fit_law(points: Sequence[Point], restarts: int = 24, seed: int = 0) -> Fit:
     ss_res = float(((pred - L) ** 2).sum())
     ss_tot = float(((L - L.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-    rmse = float(np.sqrt((best.fun ** 2).mean()))
+    rmse = float(np.sqrt((best.fun**2).mean()))
     return Fit(law=law, r2=r2, rmse_log=rmse, points=len(points))
 
 
@@ -190,7 +192,9 @@ def residual_scale(fit: Fit) -> float:
     return fit.rmse_log * math.sqrt(fit.points / max(1, dof))
 
 
-def prediction_samples(fit: Fit, N: float, D: float, E: float, rng: np.random.Generator, count: int = 2000) -> np.ndarray:
+def prediction_samples(
+    fit: Fit, N: float, D: float, E: float, rng: np.random.Generator, count: int = 2000
+) -> np.ndarray:
     """Losses a new run at (N, D, E) could measure: every bootstrap law's prediction times the
     residual scatter of log loss (a prediction interval, not only the uncertainty of the fitted
     constants, which alone misses what a held-out run measures)."""
@@ -225,7 +229,9 @@ def token_axis_trend(points: Sequence[Point]) -> list[tuple[float, float, float,
     return sorted(out)
 
 
-def forecast(fit: Fit, points: Sequence[Point], N: float, D: float, E: float, extrapolation_limit: float = 10.0) -> Forecast:
+def forecast(
+    fit: Fit, points: Sequence[Point], N: float, D: float, E: float, extrapolation_limit: float = 10.0
+) -> Forecast:
     """Dense and MoE loss at (N, D) with E experts, the MoE advantage there against the largest
     fitted size, and warnings when the prediction leaves the fitted range, the fit is poor, or the
     ladder's own advantage shrinks with training tokens."""
@@ -242,18 +248,28 @@ def forecast(fit: Fit, points: Sequence[Point], N: float, D: float, E: float, ex
     warnings = []
     n_factor, d_factor = N / n_max, D / max(p.D for p in points)
     if n_factor > extrapolation_limit:
-        warnings.append(f"extrapolation: {N:.3g} parameters is {n_factor:.0f}x the largest fitted model ({n_max:.3g}); treat the numbers as a trend, not a prediction")
+        warnings.append(
+            f"extrapolation: {N:.3g} parameters is {n_factor:.0f}x the largest fitted model ({n_max:.3g}); treat the numbers as a trend, not a prediction"
+        )
     if d_factor > extrapolation_limit:
-        warnings.append(f"extrapolation: {D:.3g} tokens is {d_factor:.0f}x the most tokens fitted ({max(p.D for p in points):.3g})")
+        warnings.append(
+            f"extrapolation: {D:.3g} tokens is {d_factor:.0f}x the most tokens fitted ({max(p.D for p in points):.3g})"
+        )
     if fit.r2 < 0.9 or fit.rmse_log > 0.03:
-        warnings.append(f"poor fit: R^2 = {fit.r2:.3f}, rms log residual {fit.rmse_log:.3f} over {fit.points} runs; add runs or sizes before trusting the forecast")
+        warnings.append(
+            f"poor fit: R^2 = {fit.r2:.3f}, rms log residual {fit.rmse_log:.3f} over {fit.points} runs; add runs or sizes before trusting the forecast"
+        )
     lo, hi = interval(dense_s - moe_s)
     if lo < 0 < hi:
-        warnings.append(f"uncertain sign: the {LEVEL:.0%} interval of the MoE advantage ({lo:+.3f}, {hi:+.3f}) includes zero")
+        warnings.append(
+            f"uncertain sign: the {LEVEL:.0%} interval of the MoE advantage ({lo:+.3f}, {hi:+.3f}) includes zero"
+        )
     # NOTE: a shrink smaller than a tenth of the advantage (or 0.005 nats) is within run-to-run noise.
     shrinking = [t for t in token_axis_trend(points) if t[2] - t[4] > max(0.1 * abs(t[2]), 0.005)]
     if shrinking:
-        pairs = "; ".join(f"N={n:.3g}: {a0:+.3f} at {d0:.3g} tokens -> {a1:+.3f} at {d1:.3g}" for n, d0, a0, d1, a1 in shrinking)
+        pairs = "; ".join(
+            f"N={n:.3g}: {a0:+.3f} at {d0:.3g} tokens -> {a1:+.3f} at {d1:.3g}" for n, d0, a0, d1, a1 in shrinking
+        )
         warnings.append(
             f"the measured MoE advantage shrinks with training tokens at {len(shrinking)} of {len(token_axis_trend(points))} sizes ({pairs}): "
             "small MoE runs lead early and lose ground late, so a longer run may end with less advantage than the ladder shows; "
@@ -277,13 +293,41 @@ def forecast(fit: Fit, points: Sequence[Point], N: float, D: float, E: float, ex
         f"the MoE is worth a dense model {worth_fit:.2f}x its active size at the ladder's largest rung and "
         f"{worth_target:.2f}x at the target, because the fitted expert exponent b_eff = b + g ln(N/N0) + h ln(D/D0) goes from "
         f"{b_fit:+.3f} to {b_target:+.3f} (g = {law.g:+.3f}: "
-        + ("experts help less as models grow" if law.g < 0 else "experts help more as models grow" if law.g > 0 else "no size dependence")
+        + (
+            "experts help less as models grow"
+            if law.g < 0
+            else "experts help more as models grow"
+            if law.g > 0
+            else "no size dependence"
+        )
         + f"; h = {law.h:+.3f}: "
-        + ("experts help less as training gets longer" if law.h < 0 else "experts help more as training gets longer" if law.h > 0 else "no token dependence")
+        + (
+            "experts help less as training gets longer"
+            if law.h < 0
+            else "experts help more as training gets longer"
+            if law.h > 0
+            else "no token dependence"
+        )
         + f"); in loss, the advantage goes from {adv_fit:+.4f} nats there to {adv:+.4f} at the target"
         + ("" if b_target > 0 else "; at the target more experts are predicted to hurt")
     )
-    return Forecast(N, D, E, dense, moe, interval(dense_s), interval(moe_s), adv, (lo, hi), adv_fit, worth_fit, worth_target, trend, why, warnings)
+    return Forecast(
+        N,
+        D,
+        E,
+        dense,
+        moe,
+        interval(dense_s),
+        interval(moe_s),
+        adv,
+        (lo, hi),
+        adv_fit,
+        worth_fit,
+        worth_target,
+        trend,
+        why,
+        warnings,
+    )
 
 
 @dataclass
@@ -306,7 +350,9 @@ class Backtest:
         return asdict(self)
 
 
-def backtest(train: Sequence[Point], dense: Point, moe: Point, rung: str, samples: int = 100, seed: int = 0) -> Backtest:
+def backtest(
+    train: Sequence[Point], dense: Point, moe: Point, rung: str, samples: int = 100, seed: int = 0
+) -> Backtest:
     """Fit on `train` (the ladder without the held-out rung), predict the rung's dense and MoE loss
     and their difference with prediction intervals, and compare with what the rung measured."""
     fit = bootstrap(train, fit_law(train), samples=samples, seed=seed)
@@ -318,7 +364,10 @@ def backtest(train: Sequence[Point], dense: Point, moe: Point, rung: str, sample
     measured = {"dense": dense.loss, "moe": moe.loss, "advantage": dense.loss - moe.loss}
     intervals = {"dense": interval(d_s), "moe": interval(m_s), "advantage": interval(d_s - m_s)}
     return Backtest(
-        rung=rung, N=moe.N, D=moe.D, E=moe.E,
+        rung=rung,
+        N=moe.N,
+        D=moe.D,
+        E=moe.E,
         predicted=predicted,
         interval=intervals,
         measured=measured,

@@ -47,7 +47,9 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def sweep_points(base: RunConfig, experts: list[int], granularities: list[int]) -> tuple[list[tuple[str, RunConfig]], list[str]]:
+def sweep_points(
+    base: RunConfig, experts: list[int], granularities: list[int]
+) -> tuple[list[tuple[str, RunConfig]], list[str]]:
     """Configs for every feasible (E, G) and a list of skipped points with the reason."""
     moe = base.model.moe
     if moe is None:
@@ -67,7 +69,9 @@ def sweep_points(base: RunConfig, experts: list[int], granularities: list[int]) 
                 skipped.append(f"{label}: needs at least G={G} experts to activate G of them")
                 continue
             cfg = copy.deepcopy(base)
-            cfg.model.moe = dataclasses.replace(moe, num_experts=E, top_k=G, expert_hidden=active // G, route_scale=scale_per_k * G)
+            cfg.model.moe = dataclasses.replace(
+                moe, num_experts=E, top_k=G, expert_hidden=active // G, route_scale=scale_per_k * G
+            )
             points.append((label, cfg.validate()))
     if not points:
         raise MoelabError("no feasible (E, G) point: " + "; ".join(skipped))
@@ -96,27 +100,36 @@ def sweep(
         run = out / "runs" / label
         summary = campaign_run(campaign, label, planned, run, log, progress)
         moe = planned.model.moe
-        rows.append({
-            "label": label,
-            "experts": moe.num_experts,
-            "granularity": moe.top_k,
-            "expert_hidden": moe.expert_hidden,
-            "architecture": describe_architecture(planned),
-            "run": str(run),
-            "total_params": summary["params"]["total"],
-            "active_params": summary["params"]["active"],
-            "train_flops_per_token": summary["train_flops_per_token"],
-            "val_loss": summary["val_loss"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "inference_tokens_per_s": inference_tokens_per_s(run),
-            "peak_memory_bytes": summary["peak_memory_bytes"],
-        })
+        rows.append(
+            {
+                "label": label,
+                "experts": moe.num_experts,
+                "granularity": moe.top_k,
+                "expert_hidden": moe.expert_hidden,
+                "architecture": describe_architecture(planned),
+                "run": str(run),
+                "total_params": summary["params"]["total"],
+                "active_params": summary["params"]["active"],
+                "train_flops_per_token": summary["train_flops_per_token"],
+                "val_loss": summary["val_loss"],
+                "tokens_per_s": summary["tokens_per_s"],
+                "inference_tokens_per_s": inference_tokens_per_s(run),
+                "peak_memory_bytes": summary["peak_memory_bytes"],
+            }
+        )
     fronts = {}
     for key, _, higher_better in COSTS:
         pts = [((1.0 / r[key]) if higher_better else r[key], r["val_loss"]) for r in rows]
         fronts[key] = [rows[i]["label"] for i in pareto_front(pts)]
     best = min(rows, key=lambda r: r["val_loss"])
-    results = {"budget": budget.__dict__, "budget_text": budget.describe(), "rows": rows, "pareto": fronts, "skipped": skipped, "best": best["label"]}
+    results = {
+        "budget": budget.__dict__,
+        "budget_text": budget.describe(),
+        "rows": rows,
+        "pareto": fronts,
+        "skipped": skipped,
+        "best": best["label"],
+    }
     write_atomic(out / "sweep.json", json.dumps(results, indent=1))
     from moelab.analysis.plots import tradeoff_plots
     from moelab.analysis.render import render_sweep

@@ -22,7 +22,11 @@ from moelab.errors import MoelabError
 TUNABLE: dict[str, tuple[str, type, str]] = {
     "lr": ("lr", float, "a comma-separated list of learning rates > 0, e.g. lr=1e-3,2e-3,4e-3"),
     "batch": ("batch_size", int, "a comma-separated list of batch sizes (integers >= 1), e.g. batch=16,32"),
-    "decay": ("decay_fraction", float, "a comma-separated list of WSD decay fractions in (0, 1], e.g. decay=0.1,0.2,0.4"),
+    "decay": (
+        "decay_fraction",
+        float,
+        "a comma-separated list of WSD decay fractions in (0, 1], e.g. decay=0.1,0.2,0.4",
+    ),
 }
 # The default learning-rate grid: five values a factor of 2 apart, centred on the preset's.
 DEFAULT_LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -41,7 +45,9 @@ class TuneSpec:
     def parse(specs: Sequence[str], fraction: float = DEFAULT_FRACTION) -> "TuneSpec":
         """From the values of --tune: '' (the default grid) or 'name=v1,v2,...' per flag."""
         if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction <= 1):
-            raise MoelabError(f"--tune-fraction {fraction!r} is not allowed: the share of each model's budget a tuning run spends, in (0, 1]")
+            raise MoelabError(
+                f"--tune-fraction {fraction!r} is not allowed: the share of each model's budget a tuning run spends, in (0, 1]"
+            )
         grid: dict[str, tuple[float, ...]] = {}
         for spec in specs:
             if not spec.strip():
@@ -49,7 +55,9 @@ class TuneSpec:
             name, sep, values = spec.partition("=")
             name = name.strip()
             if not sep or name not in TUNABLE:
-                raise MoelabError(f"--tune {spec!r} is not allowed: name=v1,v2,... with name one of {', '.join(TUNABLE)} (e.g. --tune lr=1e-3,2e-3,4e-3)")
+                raise MoelabError(
+                    f"--tune {spec!r} is not allowed: name=v1,v2,... with name one of {', '.join(TUNABLE)} (e.g. --tune lr=1e-3,2e-3,4e-3)"
+                )
             if name in grid:
                 raise MoelabError(f"--tune {spec!r} is not allowed: {name} is given twice")
             _, kind, allowed = TUNABLE[name]
@@ -62,7 +70,9 @@ class TuneSpec:
         if "lr" not in grid:
             grid["lr"] = tuple(cfg.train.lr * f for f in DEFAULT_LR_FACTORS)
         if "decay" in grid and cfg.train.schedule != "wsd":
-            raise MoelabError(f"--tune decay=... tunes train.decay_fraction, which only a wsd schedule uses; this model's schedule is {cfg.train.schedule!r} (--set train.schedule=wsd)")
+            raise MoelabError(
+                f"--tune decay=... tunes train.decay_fraction, which only a wsd schedule uses; this model's schedule is {cfg.train.schedule!r} (--set train.schedule=wsd)"
+            )
         return {name: grid[name] for name in TUNABLE if name in grid}
 
     def to_dict(self) -> dict:

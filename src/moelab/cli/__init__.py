@@ -20,13 +20,17 @@ from moelab.errors import MoelabError
 
 def _command(sub, name: str, handler: Callable[[argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
     description = inspect.cleandoc(handler.__doc__ or summary)
-    p = sub.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.set_defaults(handler=handler)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moelab", description="Train, diagnose, compare and serve sparse mixture-of-experts language models.")
+    parser = argparse.ArgumentParser(
+        prog="moelab", description="Train, diagnose, compare and serve sparse mixture-of-experts language models."
+    )
     from moelab import __version__
 
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
@@ -35,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (run, analysis, diagnose, serve, interop):
         module.register(sub, _command)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

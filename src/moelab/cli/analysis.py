@@ -58,7 +58,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budget = Budget("minutes", args.max_minutes)
     baseline = load_config(args.baseline, None, config_overrides(args)) if args.baseline else None
     out = Path(args.out) if args.out else Path("runs") / "compare"
-    results = compare(models, out, budget, args.match, baseline, args.evals, log=log_err, progress=not args.quiet, cooldowns=not args.no_cooldown, tune=tune, seeds=args.seeds)
+    results = compare(
+        models,
+        out,
+        budget,
+        args.match,
+        baseline,
+        args.evals,
+        log=log_err,
+        progress=not args.quiet,
+        cooldowns=not args.no_cooldown,
+        tune=tune,
+        seeds=args.seeds,
+    )
     print(compare_text(results))
     print(f"\nreport: {out / 'report.html'}  data: {out / 'compare.json'}")
     return 0
@@ -123,7 +135,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / "forecast"
     points = run_ladder(base, widths, tokens, out, log=log_err, progress=not args.quiet)
     try:
-        data = forecast_report(points, args.target_params, args.target_tokens, base.model.moe.num_experts, args.bootstrap, out, holdout)
+        data = forecast_report(
+            points, args.target_params, args.target_tokens, base.model.moe.num_experts, args.bootstrap, out, holdout
+        )
     except ValueError as exc:
         raise MoelabError(f"cannot fit the ladder: {exc}") from None
     print(forecast_text(data))
@@ -137,17 +151,43 @@ def register(sub, command) -> None:
     p = command(sub, "compare", cmd_compare, "dense vs MoE at matched compute: curves, costs, compute multiplier")
     add_config_flags(p, many=True)
     p.add_argument("--baseline", help="a dense config file to use instead of the derived dense twin")
-    p.add_argument("--match", default="active", choices=["active", "total"], help="pair the dense model by FLOPs per token (active) or by total parameters")
-    p.add_argument("--budget", help="per model: tokens=N, flops=N or minutes=N (default: the first MoE config's max_steps, as FLOPs)")
+    p.add_argument(
+        "--match",
+        default="active",
+        choices=["active", "total"],
+        help="pair the dense model by FLOPs per token (active) or by total parameters",
+    )
+    p.add_argument(
+        "--budget",
+        help="per model: tokens=N, flops=N or minutes=N (default: the first MoE config's max_steps, as FLOPs)",
+    )
     p.add_argument("--evals", type=int, default=12, help="evaluations per learning curve")
     p.add_argument(
-        "--tune", action="append", nargs="?", const="", metavar="NAME=V1,V2,...",
+        "--tune",
+        action="append",
+        nargs="?",
+        const="",
+        metavar="NAME=V1,V2,...",
         help="tune each model before its final runs: alone, lr over 5 values a factor of 2 apart around each model's own; "
         "or give a grid, repeatable: lr=1e-3,2e-3,4e-3 batch=16,32 decay=0.1,0.2 (decay needs a wsd schedule)",
     )
-    p.add_argument("--tune-fraction", type=float, default=TUNE_FRACTION_DEFAULT, help="share of each model's budget one tuning run spends, in (0, 1] (default 0.25)")
-    p.add_argument("--seeds", type=int, default=1, help="final runs per model over seeds base, base+1, ... (initialisation and data order); >= 2 gives 95%% intervals")
-    p.add_argument("--no-cooldown", action="store_true", help="with a wsd schedule, skip the cooled-down branches and read the multiplier on the raw evaluation curve")
+    p.add_argument(
+        "--tune-fraction",
+        type=float,
+        default=TUNE_FRACTION_DEFAULT,
+        help="share of each model's budget one tuning run spends, in (0, 1] (default 0.25)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="final runs per model over seeds base, base+1, ... (initialisation and data order); >= 2 gives 95%% intervals",
+    )
+    p.add_argument(
+        "--no-cooldown",
+        action="store_true",
+        help="with a wsd schedule, skip the cooled-down branches and read the multiplier on the raw evaluation curve",
+    )
     p.add_argument("--out", help="output directory (default runs/compare)")
     p.add_argument("--max-minutes", type=float, help="per model wall-time budget (same as --budget minutes=M)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -156,7 +196,9 @@ def register(sub, command) -> None:
     add_config_flags(p)
     p.add_argument("--experts", default="1,4,8,16,32", help="comma-separated expert counts E")
     p.add_argument("--granularity", default="1,2,4", help="comma-separated granularities G (top-k = G, I = A / G)")
-    p.add_argument("--budget", help="per point: tokens=N, flops=N or minutes=N (default: the base config's max_steps, as FLOPs)")
+    p.add_argument(
+        "--budget", help="per point: tokens=N, flops=N or minutes=N (default: the base config's max_steps, as FLOPs)"
+    )
     p.add_argument("--evals", type=int, default=6, help="evaluations per run")
     p.add_argument("--out", help="output directory (default runs/sweep)")
     p.add_argument("--max-minutes", type=float, help="per point wall-time budget (same as --budget minutes=M)")
@@ -169,6 +211,10 @@ def register(sub, command) -> None:
     p.add_argument("--target-params", type=float, default=1e8, help="active non-embedding parameters to forecast")
     p.add_argument("--target-tokens", type=float, default=2e9, help="training tokens to forecast")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for the uncertainty")
-    p.add_argument("--holdout", default="largest", help="the rung to backtest on: largest (default), none, or wWIDTH-tTOKENS, e.g. w128-t2e6")
+    p.add_argument(
+        "--holdout",
+        default="largest",
+        help="the rung to backtest on: largest (default), none, or wWIDTH-tTOKENS, e.g. w128-t2e6",
+    )
     p.add_argument("--out", help="output directory (default runs/forecast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

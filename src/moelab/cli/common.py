@@ -25,8 +25,17 @@ def add_config_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
     else:
         p.add_argument("config", nargs="?", help="a TOML config file (default: the small-moe preset)")
         p.add_argument("--preset", help="a preset from configs/ (small-moe, small-dense, tiny, ...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override one setting, e.g. --set model.moe.num_experts=16 (repeatable)")
-    p.add_argument("--data", help="training text: a file, a directory, a .jsonl file, or 'stdlib' (the embedded corpus)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one setting, e.g. --set model.moe.num_experts=16 (repeatable)",
+    )
+    p.add_argument(
+        "--data", help="training text: a file, a directory, a .jsonl file, or 'stdlib' (the embedded corpus)"
+    )
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -60,15 +69,12 @@ def log_err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-
-
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """--temperature, --top-p, --top-k, --seed: for generate and chat."""
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
-
 
 
 def sampling_params(args: argparse.Namespace):

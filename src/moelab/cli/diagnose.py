@@ -30,7 +30,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def register(sub, command) -> None:
     """Add this subsystem's subcommands to the `moelab` parser."""
-    p = command(sub, "diagnose", cmd_diagnose, "router health, alerts and a verdict for a run, as text and an HTML report")
+    p = command(
+        sub, "diagnose", cmd_diagnose, "router health, alerts and a verdict for a run, as text and an HTML report"
+    )
     p.add_argument("run", metavar="RUN_DIR", help="a run directory (what `moelab train --out` wrote)")
     p.add_argument("--out", help="the HTML report to write (default RUN_DIR/diagnose.html)")
     p.add_argument("--json", action="store_true", help="print the diagnosis as one JSON object instead of text")

@@ -18,7 +18,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from moelab.interop.export import export_hf
     from moelab.interop.weights import parse_size
 
-    result = export_hf(args.run, args.out, arch=args.arch, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size))
+    result = export_hf(
+        args.run, args.out, arch=args.arch, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size)
+    )
     for note in result.notes:
         print(f"note: {note}")
     print(f"exported {args.run} as {result.architecture} to {result.out_dir} ({', '.join(result.files)})")
@@ -66,19 +68,40 @@ def register(sub, command) -> None:
     p = command(sub, "export", cmd_export, "write a run as a Hugging Face checkpoint (transformers, vLLM)")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory (its newest checkpoint) or one of its checkpoints")
     p.add_argument("out", metavar="OUT_DIR", help="new (or empty) output directory")
-    p.add_argument("--arch", choices=["llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"], help="architecture to write (default: chosen from the model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights")
-    p.add_argument("--max-shard-size", default="5GB", help="largest weight file before sharding (e.g. 5GB, 500MB, 2GiB)")
+    p.add_argument(
+        "--arch",
+        choices=["llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
+        help="architecture to write (default: chosen from the model)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights"
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest weight file before sharding (e.g. 5GB, 500MB, 2GiB)"
+    )
 
     p = command(sub, "import", cmd_import, "import a local Hugging Face checkpoint as a moelab run")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="a local directory with config.json, safetensors weights and tokenizer.json")
+    p.add_argument(
+        "hf_dir", metavar="HF_DIR", help="a local directory with config.json, safetensors weights and tokenizer.json"
+    )
     p.add_argument("out", metavar="OUT_RUN_DIR", help="new (or empty) run directory")
-    p.add_argument("--max-seq-len", type=int, help="context length to keep (default: config.json's max_position_embeddings)")
+    p.add_argument(
+        "--max-seq-len", type=int, help="context length to keep (default: config.json's max_position_embeddings)"
+    )
 
     p = command(sub, "upcycle", cmd_upcycle, "turn a dense run into an MoE that starts equal to it")
     p.add_argument("dense_run", metavar="DENSE_RUN", help="a dense run directory (its newest checkpoint) or checkpoint")
     p.add_argument("out", metavar="OUT_RUN", help="new (or empty) run directory")
     p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer (E, a multiple of G)")
     p.add_argument("--top-k", type=int, required=True, help="experts per token (k, a multiple of G)")
-    p.add_argument("--granularity", type=int, default=1, help="split the FFN into G experts of hidden H/G (default 1: copies)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a model.moe.*, train.* or monitor.* setting (repeatable)")
+    p.add_argument(
+        "--granularity", type=int, default=1, help="split the FFN into G experts of hidden H/G (default 1: copies)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a model.moe.*, train.* or monitor.* setting (repeatable)",
+    )

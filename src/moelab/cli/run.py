@@ -36,7 +36,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = True if args.resume is True else Path(args.resume)
         out = Path(args.out) if args.out else Path(args.resume).parent.parent
         if args.config or args.preset:
-            raise MoelabError("--resume continues the run with its saved config; only --set train.* / monitor.* / parallel.* and --max-minutes may change")
+            raise MoelabError(
+                "--resume continues the run with its saved config; only --set train.* / monitor.* / parallel.* and --max-minutes may change"
+            )
         run = RunDir(out)
         cfg = run.load_config()
         overrides = config_overrides(args)
@@ -50,7 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(changeable)]
         if bad:
             allowed = ", ".join(c + "*" for c in changeable)
-            raise MoelabError(f"--set {bad[0]} cannot change a resumed run; only {allowed} settings (and --data before the first step) may change")
+            raise MoelabError(
+                f"--set {bad[0]} cannot change a resumed run; only {allowed} settings (and --data before the first step) may change"
+            )
         if overrides:
             from moelab.config import apply_overrides, build_config
 
@@ -58,7 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args)
         resume = False
-        out = Path(args.out) if args.out else default_out(args.preset or (Path(args.config).stem if args.config else "small-moe"))
+        out = (
+            Path(args.out)
+            if args.out
+            else default_out(args.preset or (Path(args.config).stem if args.config else "small-moe"))
+        )
     trainer = Trainer(cfg, out, resume=resume, log=log_err, progress=not args.quiet, sampler=training_sample)
     result = trainer.fit()
     if trainer.is_main:  # (distributed) rank 0 reports for the whole run
@@ -92,14 +100,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for x, y in batches:
             logits = model(x.to(device)).logits
-            total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), reduction="sum"
+                )
+            )
             count += y.numel()
     loss = total / count
-    result = {"run": str(loaded.run.path), "checkpoint": loaded.checkpoint.name, "step": loaded.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "tokens": count}
+    result = {
+        "run": str(loaded.run.path),
+        "checkpoint": loaded.checkpoint.name,
+        "step": loaded.step,
+        "val_loss": loss,
+        "val_ppl": math.exp(min(loss, 50)),
+        "tokens": count,
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{loaded.run.path} {loaded.checkpoint.name}: validation loss {loss:.4f}, perplexity {result['val_ppl']:.2f} over {count:,} tokens")
+        print(
+            f"{loaded.run.path} {loaded.checkpoint.name}: validation loss {loss:.4f}, perplexity {result['val_ppl']:.2f} over {count:,} tokens"
+        )
     return 0
 
 
@@ -115,7 +136,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_model(args.run, resolve_device(args.device))
     prompt_tokens = len(loaded.tokenizer.encode(args.prompt))
     if prompt_tokens >= loaded.cfg.model.max_seq_len:
-        raise MoelabError(f"the prompt is {prompt_tokens} tokens; the model's context window is {loaded.cfg.model.max_seq_len}")
+        raise MoelabError(
+            f"the prompt is {prompt_tokens} tokens; the model's context window is {loaded.cfg.model.max_seq_len}"
+        )
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
 
@@ -131,7 +154,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _moe_summary(moe) -> str:
     text = f"MoE E={moe.num_experts} k={moe.top_k} I={moe.expert_hidden}"
     if moe.num_shared_experts:
-        text += f" + {moe.num_shared_experts} shared expert(s) of hidden {moe.shared_expert_hidden or moe.expert_hidden}"
+        text += (
+            f" + {moe.num_shared_experts} shared expert(s) of hidden {moe.shared_expert_hidden or moe.expert_hidden}"
+        )
     return text
 
 
@@ -163,12 +188,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"architecture            {info['architecture']}, {mcfg.n_layers} layers, d_model {mcfg.d_model}, vocabulary {vocab}")
-    print(f"total parameters        {format_count(counts.total)} ({counts.total:,}; {format_count(counts.total_non_embedding)} without embeddings)")
-    print(f"active parameters       {format_count(counts.active)} ({counts.active:,}; {format_count(counts.active_non_embedding)} without embeddings)")
+    print(
+        f"architecture            {info['architecture']}, {mcfg.n_layers} layers, d_model {mcfg.d_model}, vocabulary {vocab}"
+    )
+    print(
+        f"total parameters        {format_count(counts.total)} ({counts.total:,}; {format_count(counts.total_non_embedding)} without embeddings)"
+    )
+    print(
+        f"active parameters       {format_count(counts.active)} ({counts.active:,}; {format_count(counts.active_non_embedding)} without embeddings)"
+    )
     print(f"training FLOPs/token    {format_count(info['train_flops_per_token'])} (seq_len {seq})")
     print(f"inference FLOPs/token   {format_count(info['inference_flops_per_token'])} (at context {seq // 2})")
-    print(f"training memory         ~{memory['total'] / 2**20:.0f} MiB at batch {cfg.train.batch_size} (weights {memory['weights'] / 2**20:.1f}, optimizer {memory['optimizer'] / 2**20:.1f}, activations {memory['activations'] / 2**20:.0f} MiB)")
+    print(
+        f"training memory         ~{memory['total'] / 2**20:.0f} MiB at batch {cfg.train.batch_size} (weights {memory['weights'] / 2**20:.1f}, optimizer {memory['optimizer'] / 2**20:.1f}, activations {memory['activations'] / 2**20:.0f} MiB)"
+    )
     if info["moe_layers"]:
         print(f"MoE layers              {info['moe_layers']}")
     return 0
@@ -179,7 +212,14 @@ def register(sub, command) -> None:
     p = command(sub, "train", cmd_train, "train a model (default: the small MoE on the embedded corpus)")
     add_config_flags(p)
     add_run_flags(p)
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT", help="continue the run in --out from its newest checkpoint, or from CHECKPOINT")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run in --out from its newest checkpoint, or from CHECKPOINT",
+    )
 
     p = command(sub, "eval", cmd_eval, "validation loss and perplexity of a run or checkpoint")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")

@@ -17,7 +17,9 @@ API_KEY_ENV = "MOELAB_API_KEY"
 def _engine_config(args: argparse.Namespace):
     from moelab.infer.engine import EngineConfig
 
-    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
+    config = EngineConfig(
+        max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens
+    )
     try:
         config.validate()
     except ValueError as exc:
@@ -69,7 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise MoelabError(f"the API key (--api-key or ${API_KEY_ENV}) is empty; give a key or leave both unset")
     name = args.model_name or run.path.name
-    settings = ServerSettings(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, engine=_engine_config(args))
+    settings = ServerSettings(
+        model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes, engine=_engine_config(args)
+    )
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
@@ -88,7 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
     auth = "Bearer key required" if api_key else "no API key"
-    print(f"moelab: listening on {url}; serving {checkpoint} as model {name!r} ({auth}); loading in the background", file=sys.stderr, flush=True)
+    print(
+        f"moelab: listening on {url}; serving {checkpoint} as model {name!r} ({auth}); loading in the background",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.run(sockets=[sock])
     finally:
@@ -114,10 +122,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     loaded = load_model(args.run, resolve_device(args.device))
     if not ChatEncoder.supports(loaded.tokenizer):
-        raise MoelabError(f"{args.run}: the model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use moelab generate")
+        raise MoelabError(
+            f"{args.run}: the model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use moelab generate"
+        )
     with Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_queue=1)) as engine:
         session = ChatSession(engine, ChatEncoder(loaded.tokenizer), params, args.max_tokens, args.seed, args.system)
-        print(f"moelab chat with {loaded.run.path} (step {loaded.step}); /reset starts over, /exit quits", file=sys.stderr)
+        print(
+            f"moelab chat with {loaded.run.path} (step {loaded.step}); /reset starts over, /exit quits", file=sys.stderr
+        )
         session.repl(input, _write)
     return 0
 
@@ -156,7 +168,13 @@ class ChatSession:
         if ids is None:
             write(f"[the message does not fit the context window of {self.engine.context} tokens]\n")
             return ""
-        request = Request((tuple(ids),), min(self.max_tokens, self.engine.context - len(ids)), self.params, seed=self.seed, stop_token_ids=self.encoder.stop_token_ids)
+        request = Request(
+            (tuple(ids),),
+            min(self.max_tokens, self.engine.context - len(ids)),
+            self.params,
+            seed=self.seed,
+            stop_token_ids=self.encoder.stop_token_ids,
+        )
         pieces = []
         try:
             for event in self.engine.stream(request):
@@ -193,22 +211,39 @@ class ChatSession:
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences generated together (KV-cache rows; default 16)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 429 (default 64)")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens prefilled in one step (default 4096)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests that may wait for a free row; more get 429 (default 64)"
+    )
+    p.add_argument(
+        "--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens prefilled in one step (default 4096)"
+    )
 
 
 def register(sub, command) -> None:
     """Add this subsystem's subcommands to the `moelab` parser."""
     p = command(sub, "serve", cmd_serve, "serve a run over HTTP with the OpenAI API (completions, chat, streaming)")
-    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or one checkpoint directory")
+    p.add_argument(
+        "run",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run directory (its newest checkpoint) or one checkpoint directory",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else no key)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else no key)",
+    )
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory's name)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small models, see docs/serving.md; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: fastest for small models, see docs/serving.md; 0 = torch's default)",
+    )
     _add_engine_flags(p)
 
     p = command(sub, "chat", cmd_chat, "chat with a run in the terminal")
@@ -216,5 +251,10 @@ def register(sub, command) -> None:
     p.add_argument("--system", default=None, help="a system message that starts the conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (cut to the context window)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small models; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: fastest for small models; 0 = torch's default)",
+    )
     add_sampling_flags(p)

@@ -67,7 +67,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     else:
         path = Path(cfg.source).expanduser()
         if not path.exists():
-            raise MoelabError(f"data path {path} does not exist (give a text file, a directory, a .jsonl file, or 'stdlib')")
+            raise MoelabError(
+                f"data path {path} does not exist (give a text file, a directory, a .jsonl file, or 'stdlib')"
+            )
         if path.is_dir():
             docs = _directory_documents(path, cfg.glob)
             description = f"text files under {path} matching {cfg.glob}"
@@ -141,7 +143,8 @@ def _directory_documents(root: Path, patterns: str) -> list[Document]:
     files = sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and any(fnmatch.fnmatch(str(p.relative_to(root)), g) or fnmatch.fnmatch(p.name, g) for g in globs)
+        if p.is_file()
+        and any(fnmatch.fnmatch(str(p.relative_to(root)), g) or fnmatch.fnmatch(p.name, g) for g in globs)
     )
     if not files:
         raise MoelabError(f"no files under {root} match data.glob {patterns!r}")
@@ -164,7 +167,9 @@ def _jsonl_documents(path: Path, field: str) -> list[Document]:
         if not isinstance(record, dict) or field not in record:
             raise MoelabError(f"{path} line {number} has no {field!r} field (set data.jsonl_field to the text field)")
         if not isinstance(record[field], str):
-            raise MoelabError(f"{path} line {number}: field {field!r} is {type(record[field]).__name__}, expected a string")
+            raise MoelabError(
+                f"{path} line {number}: field {field!r} is {type(record[field]).__name__}, expected a string"
+            )
         docs.append(Document(f"{path.name}:{number}", record[field]))
     return docs
 

@@ -102,7 +102,9 @@ class BatchLoader:
             self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of validation batches: windows spread evenly over the whole validation stream."""
     num_windows = (len(tokens) - 1) // seq_len
     if num_windows < 1:

@@ -27,7 +27,9 @@ HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # Hugging Face's file naming a to
 
 def bytes_to_unicode() -> dict[int, str]:
     """The GPT-2 map from each byte to a printable character, the alphabet of byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):

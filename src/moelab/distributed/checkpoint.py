@@ -54,7 +54,11 @@ RANK_KEYS = ("loader", "torch_rng", "python_rng", "cuda_rng")
 
 
 def _sharded_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(f"{name}.{attr}", getattr(m, attr)) for name, m in expert_parallel_modules(model) for attr in ("gate_up_proj", "down_proj")]
+    return [
+        (f"{name}.{attr}", getattr(m, attr))
+        for name, m in expert_parallel_modules(model)
+        for attr in ("gate_up_proj", "down_proj")
+    ]
 
 
 def full_model_state(model: nn.Module, layout: Layout, expert_group) -> dict[str, torch.Tensor] | None:
@@ -80,7 +84,9 @@ def _param_indices(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): i for i, p in enumerate(params)}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout, expert_group) -> dict[str, Any] | None:
+def full_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout, expert_group
+) -> dict[str, Any] | None:
     """optimizer.state_dict() with the expert moments gathered to [E, ...], on global rank 0."""
     state = optimizer.state_dict()
     sharded = _sharded_params(model)
@@ -169,7 +175,9 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, layout: Layout) -> dic
             keys = set(f.keys())
             missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing or unexpected:
-                raise CheckpointError(f"{file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise CheckpointError(
+                    f"{file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
             for name in sorted(keys):
                 want = expected[name]
                 if name in sharded:
@@ -188,7 +196,9 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, layout: Layout) -> dic
     return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
-def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict[str, Any]:
+def shard_optimizer_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout
+) -> dict[str, Any]:
     """Slice the expert moments of a full optimizer state to this rank's experts."""
     sharded = _sharded_params(model)
     if not sharded or not state.get("state"):
@@ -206,7 +216,9 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
             if torch.is_tensor(value) and value.dim() > 0:
                 full_shape = (p.shape[0] * layout.expert,) + tuple(p.shape[1:])
                 if tuple(value.shape) != full_shape:
-                    raise CheckpointError(f"the optimizer state of {name} ({key}) has shape {tuple(value.shape)}, expected {full_shape}")
+                    raise CheckpointError(
+                        f"the optimizer state of {name} ({key}) has shape {tuple(value.shape)}, expected {full_shape}"
+                    )
                 value = value[rows].clone()
             local[key] = value
         packed[i] = local
@@ -235,11 +247,26 @@ def rank_loader_state(state: dict[str, Any], batch_per_rank: int, layout: Layout
         )
     used = int(saved["index"]) * world  # windows of the epoch's order consumed by all ranks together
     if used % layout.world:
-        raise MoelabError(f"the checkpoint's data position ({used} windows) does not split over {layout.world} processes")
-    return {**saved, "batch_size": batch_per_rank, "rank": layout.rank, "world": layout.world, "index": used // layout.world}
+        raise MoelabError(
+            f"the checkpoint's data position ({used} windows) does not split over {layout.world} processes"
+        )
+    return {
+        **saved,
+        "batch_size": batch_per_rank,
+        "rank": layout.rank,
+        "world": layout.world,
+        "index": used // layout.world,
+    }
 
 
-def local_trainer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module, batch_per_rank: int, layout: Layout, seed: int) -> dict[str, Any]:
+def local_trainer_state(
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    batch_per_rank: int,
+    layout: Layout,
+    seed: int,
+) -> dict[str, Any]:
     """The trainer state this rank resumes from: its optimizer shard, its loader position and its
     RNG streams (in the trainer.pt layout a single process reads)."""
     local = dict(state)

@@ -86,11 +86,20 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits),) + tuple(grad_out.shape[1:]))
         # NOTE: rows that came from rank q go back to rank q: the same collective with the splits swapped.
-        _timed_all_to_all(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.meter, ctx.phase + "_backward")
+        _timed_all_to_all(
+            grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.meter, ctx.phase + "_backward"
+        )
         return grad_in, None, None, None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int], group, meter: CommMeter | None = None, phase: str = "all_to_all") -> torch.Tensor:
+def all_to_all(
+    x_ND: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group,
+    meter: CommMeter | None = None,
+    phase: str = "all_to_all",
+) -> torch.Tensor:
     """Send rows in_splits[q] of x to rank q of `group`, receive out_splits[q] rows from rank q (in
     rank order); differentiable."""
     return _AllToAll.apply(x_ND, out_splits, in_splits, group, meter, phase)
@@ -101,10 +110,21 @@ class ExpertParallelExperts(nn.Module):
     (gate_up_proj [El, 2I, D], down_proj [El, D, I]) so that state-dict keys do not change; a
     checkpoint stores the gathered [E, ...] tensors (moelab.distributed.checkpoint)."""
 
-    def __init__(self, gate_up_El2ID: torch.Tensor, down_ElDI: torch.Tensor, *, num_experts: int, shard: int, group, group_size: int):
+    def __init__(
+        self,
+        gate_up_El2ID: torch.Tensor,
+        down_ElDI: torch.Tensor,
+        *,
+        num_experts: int,
+        shard: int,
+        group,
+        group_size: int,
+    ):
         super().__init__()
         if num_experts != gate_up_El2ID.shape[0] * group_size:
-            raise ValueError(f"{gate_up_El2ID.shape[0]} local experts x {group_size} ranks is not {num_experts} experts")
+            raise ValueError(
+                f"{gate_up_El2ID.shape[0]} local experts x {group_size} ranks is not {num_experts} experts"
+            )
         self.num_experts = num_experts
         self.num_local = num_experts // group_size
         self.shard = shard  # position in the expert-parallel group
@@ -154,7 +174,9 @@ class ExpertParallelExperts(nn.Module):
         # 3. Received rows arrive by source rank, then by local expert: regroup by local expert
         # (a stable sort keeps each expert's rows in source-rank order).
         R = x_RD.shape[0]
-        expert_of_row = torch.arange(El, device=x_RD.device).repeat(P)  # [P*El]: local expert of each (source, expert) block
+        expert_of_row = torch.arange(El, device=x_RD.device).repeat(
+            P
+        )  # [P*El]: local expert of each (source, expert) block
         local_expert_R = torch.repeat_interleave(expert_of_row, recv_PEl.reshape(-1), output_size=R)
         order_R = torch.sort(local_expert_R, stable=True).indices
         tokens_per_local_El = recv_PEl.sum(0)

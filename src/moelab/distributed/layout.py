@@ -61,11 +61,17 @@ def check_layout(cfg: RunConfig, world: int, device_type: str) -> None:
     P = cfg.parallel.expert
     moe = cfg.model.moe
     if P > 1 and moe is None:
-        raise MoelabError(f"parallel.expert = {P} needs an MoE model (model.moe); a dense model has no experts to split")
+        raise MoelabError(
+            f"parallel.expert = {P} needs an MoE model (model.moe); a dense model has no experts to split"
+        )
     if moe is not None and moe.num_experts % P:
-        raise MoelabError(f"parallel.expert = {P} does not divide model.moe.num_experts = {moe.num_experts}: each rank must hold the same number of experts")
+        raise MoelabError(
+            f"parallel.expert = {P} does not divide model.moe.num_experts = {moe.num_experts}: each rank must hold the same number of experts"
+        )
     if world % P:
-        how = "launch with torchrun --nproc-per-node N (N a multiple of it)" if world == 1 else "launch a multiple of it"
+        how = (
+            "launch with torchrun --nproc-per-node N (N a multiple of it)" if world == 1 else "launch a multiple of it"
+        )
         raise MoelabError(f"the world size {world} is not a multiple of parallel.expert = {P}: {how}")
     B = cfg.train.batch_size
     if B % world:
@@ -75,9 +81,17 @@ def check_layout(cfg: RunConfig, world: int, device_type: str) -> None:
         )
     backend = cfg.parallel.backend
     if backend == "nccl" and device_type != "cuda":
-        raise MoelabError(f"parallel.backend = 'nccl' needs CUDA devices; this run uses {device_type}: use 'gloo' or 'auto'")
+        raise MoelabError(
+            f"parallel.backend = 'nccl' needs CUDA devices; this run uses {device_type}: use 'gloo' or 'auto'"
+        )
 
 
 def make_layout(cfg: RunConfig, world: int, rank: int, local_rank: int) -> Layout:
     moe = cfg.model.moe
-    return Layout(world=world, rank=rank, local_rank=local_rank, expert=cfg.parallel.expert, num_experts=moe.num_experts if moe else 0)
+    return Layout(
+        world=world,
+        rank=rank,
+        local_rank=local_rank,
+        expert=cfg.parallel.expert,
+        num_experts=moe.num_experts if moe else 0,
+    )

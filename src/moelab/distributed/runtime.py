@@ -153,7 +153,11 @@ class Distributed:
 
     def describe(self) -> str:
         L = self.layout
-        ep = f"expert parallel over {L.expert} ranks ({L.local_experts} of {L.num_experts} experts each)" if L.expert > 1 else "experts replicated"
+        ep = (
+            f"expert parallel over {L.expert} ranks ({L.local_experts} of {L.num_experts} experts each)"
+            if L.expert > 1
+            else "experts replicated"
+        )
         return f"distributed: {L.world} processes ({dist.get_backend()}), data parallel over all, {ep}"
 
     # -- the model -----------------------------------------------------------------------------
@@ -240,13 +244,35 @@ class Distributed:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict[str, Any], keep: int, protected: frozenset[int]) -> None:
-        dcp.save_distributed_checkpoint(run_dir, step, model, optimizer, trainer_state, keep, protected, self.layout, self.expert_group, self.world_group)
+    def save_checkpoint(
+        self,
+        run_dir: Path,
+        step: int,
+        model: nn.Module,
+        optimizer,
+        trainer_state: dict[str, Any],
+        keep: int,
+        protected: frozenset[int],
+    ) -> None:
+        dcp.save_distributed_checkpoint(
+            run_dir,
+            step,
+            model,
+            optimizer,
+            trainer_state,
+            keep,
+            protected,
+            self.layout,
+            self.expert_group,
+            self.world_group,
+        )
 
     def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
         return dcp.load_sharded_checkpoint(path, model, self.layout)
 
-    def local_trainer_state(self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int) -> dict[str, Any]:
+    def local_trainer_state(
+        self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int
+    ) -> dict[str, Any]:
         return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed)
 
     def seed_rank(self, seed: int) -> None:

@@ -77,7 +77,13 @@ class ChatEncoder:
         newline = self.encode_text("\n")
         ids: list[int] = []
         for m in messages:
-            ids += [self.im_start, *self.encode_text(f"{m['role']}\n"), *self.encode_text(m["content"]), self.im_end, *newline]
+            ids += [
+                self.im_start,
+                *self.encode_text(f"{m['role']}\n"),
+                *self.encode_text(m["content"]),
+                self.im_end,
+                *newline,
+            ]
         if add_generation_prompt:
             ids += [self.im_start, *self.encode_text("assistant\n")]
         return ids

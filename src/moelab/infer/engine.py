@@ -46,6 +46,7 @@ from moelab.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
+
 class QueueFull(Exception):
     """The waiting queue holds `max_queue` requests already."""
 
@@ -202,7 +203,9 @@ class Engine:
         parameter = next(model.parameters())
         self.device = parameter.device
         # bf16 on CUDA (as in training), fp32 on CPU; the cache holds what attention computes in.
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" and parameter.dtype == torch.float32 else None
+        self.autocast_dtype = (
+            torch.bfloat16 if self.device.type == "cuda" and parameter.dtype == torch.float32 else None
+        )
         self.cache_dtype = self.autocast_dtype or parameter.dtype
         self._pad_id = tokenizer.pad_id
         self._lock = threading.Condition()
@@ -248,7 +251,9 @@ class Engine:
             if self._closed or self._thread is None:
                 raise EngineClosed("the engine is not running")
             if len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue {self.config.max_queue})")
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting already (max_queue {self.config.max_queue})"
+                )
             self._waiting.append(job)
             self._lock.notify_all()
         return Handle(self, job)
@@ -279,7 +284,9 @@ class Engine:
                 tokens[event.index] = event.tokens
                 reasons[event.index] = event.finish_reason or reasons[event.index]
             elif isinstance(event, Finished):
-                return Completion(["".join(t) for t in texts], reasons, tokens, event.prompt_tokens, event.completion_tokens)
+                return Completion(
+                    ["".join(t) for t in texts], reasons, tokens, event.prompt_tokens, event.completion_tokens
+                )
         raise AssertionError("unreachable: stream() ends with Finished or Failed")
 
     def stats(self) -> EngineStats:
@@ -292,7 +299,9 @@ class Engine:
         if request.n < 1 or not request.prompts:
             raise ValueError("a request needs at least one prompt and n >= 1")
         if request.choices > self.config.max_batch:
-            raise ValueError(f"{request.choices} choices (prompts x n) exceed the engine's batch of {self.config.max_batch}")
+            raise ValueError(
+                f"{request.choices} choices (prompts x n) exceed the engine's batch of {self.config.max_batch}"
+            )
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens = {request.max_tokens} is not allowed: an integer >= 1")
         request.params.validate()
@@ -300,7 +309,9 @@ class Engine:
             if not prompt:
                 raise ValueError("a prompt needs at least one token")
             if len(prompt) + request.max_tokens > self.context:
-                raise ValueError(f"{len(prompt)} prompt tokens + max_tokens {request.max_tokens} exceed the context window of {self.context}")
+                raise ValueError(
+                    f"{len(prompt)} prompt tokens + max_tokens {request.max_tokens} exceed the context window of {self.context}"
+                )
 
     def _cancel(self, job: _Job) -> None:
         with self._lock:
@@ -311,7 +322,11 @@ class Engine:
     # -- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         try:
             with torch.inference_mode(), autocast:
                 self._loop()
@@ -336,7 +351,9 @@ class Engine:
                 self._step(admitted)
             except Exception as exc:  # a broken step fails its requests, not the engine
                 log.exception("engine step failed")
-                self._fail({s.job for s in self._live} | set(admitted), f"generation failed: {type(exc).__name__}: {exc}")
+                self._fail(
+                    {s.job for s in self._live} | set(admitted), f"generation failed: {type(exc).__name__}: {exc}"
+                )
                 self._live.clear()
 
     def _take_admissible(self) -> list[_Job]:
@@ -387,7 +404,9 @@ class Engine:
                     index = p * job.request.n + j
                     generator = seeded_generator(choice_seed(job.seed, index))
                     row = len(self._live) + len(new)
-                    new.append(_Sequence(job, index, row, len(prompt), generator, TextStream(self.tokenizer, job.request.stop)))
+                    new.append(
+                        _Sequence(job, index, row, len(prompt), generator, TextStream(self.tokenizer, job.request.stop))
+                    )
                     prompt_of.append(len(prompts) - 1)
         self._live.extend(new)  # admitted: counted as running, failed with the step if it fails
         lengths_P = torch.tensor([len(p) for p in prompts], device=self.device)
@@ -399,7 +418,9 @@ class Engine:
             tokens_PT[i, : len(prompt)] = torch.tensor(prompt)
         positions_PT = torch.arange(longest, device=self.device).expand(len(prompts), longest)
         rows_P = torch.tensor(source_row, device=self.device)
-        logits_PTV = self.model(tokens_PT.to(self.device), positions_BT=positions_PT, cache=self._cache, rows_B=rows_P).logits
+        logits_PTV = self.model(
+            tokens_PT.to(self.device), positions_BT=positions_PT, cache=self._cache, rows_B=rows_P
+        ).logits
         last_PV = logits_PTV[torch.arange(len(prompts), device=self.device), lengths_P - 1]
         for seq, p in zip(new, prompt_of):
             if seq.row != source_row[p]:  # another choice of the same prompt: share its keys
@@ -452,7 +473,13 @@ class Engine:
                 end = time.perf_counter()
                 self._emit(
                     job,
-                    Finished(request.prompt_tokens, job.completion_tokens, job.admitted - job.submitted, job.first_token - job.submitted, end - job.submitted),
+                    Finished(
+                        request.prompt_tokens,
+                        job.completion_tokens,
+                        job.admitted - job.submitted,
+                        job.first_token - job.submitted,
+                        end - job.submitted,
+                    ),
                 )
 
     def _emit(self, job: _Job, event: Event) -> None:

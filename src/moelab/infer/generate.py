@@ -66,7 +66,9 @@ def _decode_loop(model, tokenizer, ids, max_new_tokens, params, generator, on_te
         emit(decoder.push(token))
         if position >= cache.max_len:
             break
-        logits = model(torch.tensor([[token]], device=device), positions_BT=torch.tensor([[position]], device=device), cache=cache).logits[:, -1]
+        logits = model(
+            torch.tensor([[token]], device=device), positions_BT=torch.tensor([[position]], device=device), cache=cache
+        ).logits[:, -1]
         position += 1
     emit(decoder.flush())
     return "".join(pieces)

@@ -29,21 +29,41 @@ class ServerMetrics:
     def __init__(self, stats: Callable[[], EngineStats | None]):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("moelab_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=r)
-        self.request_latency = Histogram(
-            "moelab_request_latency_seconds", "Time from request to the last byte of the response", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        self.requests = Counter(
+            "moelab_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=r
         )
-        self.prompt_tokens = Counter("moelab_prompt_tokens", "Prompt tokens of accepted generation requests", registry=r)
+        self.request_latency = Histogram(
+            "moelab_request_latency_seconds",
+            "Time from request to the last byte of the response",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "moelab_prompt_tokens", "Prompt tokens of accepted generation requests", registry=r
+        )
         self.generation_tokens = Counter("moelab_generation_tokens", "Tokens generated", registry=r)
-        self.cancelled = Counter("moelab_cancelled_requests", "Generation requests whose client left before the end", registry=r)
-        self.rejected = Counter("moelab_rejected_requests", "Generation requests refused because the queue was full", registry=r)
+        self.cancelled = Counter(
+            "moelab_cancelled_requests", "Generation requests whose client left before the end", registry=r
+        )
+        self.rejected = Counter(
+            "moelab_rejected_requests", "Generation requests refused because the queue was full", registry=r
+        )
         self.time_to_first_token = Histogram(
-            "moelab_time_to_first_token_seconds", "Time from request to its first generated token", buckets=LATENCY_BUCKETS, registry=r
+            "moelab_time_to_first_token_seconds",
+            "Time from request to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_per_output_token = Histogram(
-            "moelab_time_per_output_token_seconds", "Time between consecutive tokens of one choice", buckets=TOKEN_BUCKETS, registry=r
+            "moelab_time_per_output_token_seconds",
+            "Time between consecutive tokens of one choice",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
-        self.queue_time = Histogram("moelab_queue_time_seconds", "Time a request waited for cache rows", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "moelab_queue_time_seconds", "Time a request waited for cache rows", buckets=LATENCY_BUCKETS, registry=r
+        )
         queue_depth = Gauge("moelab_queue_depth", "Requests waiting for cache rows", registry=r)
         running = Gauge("moelab_running_sequences", "Sequences being generated (cache rows in use)", registry=r)
         running_requests = Gauge("moelab_running_requests", "Requests being generated", registry=r)

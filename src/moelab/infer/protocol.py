@@ -21,7 +21,14 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -122,7 +129,11 @@ def _shared(body: Any, allowed: set[str], max_choices: int) -> dict[str, Any]:
     if options is not None:
         if not stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+        if (
+            not isinstance(options, dict)
+            or set(options) - {"include_usage"}
+            or not isinstance(options.get("include_usage", False), bool)
+        ):
             raise bad_request('stream_options must be {"include_usage": true|false}', "stream_options")
         include_usage = options.get("include_usage", False)
     top_k = _integer(body, "top_k", 0, -1)
@@ -171,7 +182,9 @@ def parse_completion(body: Any, max_choices: int) -> CompletionBody:
     _unsupported(body, "best_of", lambda v: v == shared["n"])
     prompts = _prompts(body.get("prompt"))
     if len(prompts) * shared["n"] > max_choices:
-        raise bad_request(f"{len(prompts)} prompts x n={shared['n']} choices exceed this server's limit of {max_choices}", "n")
+        raise bad_request(
+            f"{len(prompts)} prompts x n={shared['n']} choices exceed this server's limit of {max_choices}", "n"
+        )
     return CompletionBody(max_tokens=_integer(body, "max_tokens", None, 1), prompts=prompts, **shared)
 
 
@@ -185,7 +198,10 @@ def _prompts(prompt: Any) -> tuple[str | tuple[int, ...], ...]:
             return (tuple(prompt),)
         if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
             return tuple(tuple(p) for p in prompt)
-    raise bad_request("prompt is required: a string, a list of strings, a list of token ids, or a list of such lists (none empty)", "prompt")
+    raise bad_request(
+        "prompt is required: a string, a list of strings, a list of token ids, or a list of such lists (none empty)",
+        "prompt",
+    )
 
 
 def parse_chat(body: Any, max_choices: int) -> ChatBody:
@@ -204,7 +220,9 @@ def parse_chat(body: Any, max_choices: int) -> ChatBody:
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise bad_request("max_tokens and max_completion_tokens differ; send one of them", "max_completion_tokens")
     messages = _messages(body.get("messages"))
-    return ChatBody(max_tokens=max_completion if max_completion is not None else max_tokens, messages=messages, **shared)
+    return ChatBody(
+        max_tokens=max_completion if max_completion is not None else max_tokens, messages=messages, **shared
+    )
 
 
 def _messages(messages: Any) -> tuple[dict[str, str], ...]:
@@ -217,7 +235,9 @@ def _messages(messages: Any) -> tuple[dict[str, str], ...]:
             raise bad_request(f"{param} must be an object with role and content", param)
         extra = sorted(set(message) - {"role", "content", "name"})
         if extra:
-            raise bad_request(f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}", "unsupported_parameter")
+            raise bad_request(
+                f"{param}.{extra[0]} is not supported by this server", f"{param}.{extra[0]}", "unsupported_parameter"
+            )
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise bad_request(f"{param}.role = {role!r} is not allowed: one of {sorted(CHAT_ROLES)}", f"{param}.role")
@@ -233,7 +253,10 @@ def _content(content: Any, param: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad_request(f"{param}[{j}] must be a text part {{'type': 'text', 'text': ...}}; only text is supported", f"{param}[{j}]")
+                raise bad_request(
+                    f"{param}[{j}] must be a text part {{'type': 'text', 'text': ...}}; only text is supported",
+                    f"{param}[{j}]",
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise bad_request(f"{param} must be a string or a non-empty list of text parts", param)
@@ -252,15 +275,23 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "moelab"}
 
 
-def completion_response(id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict) -> dict[str, Any]:
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+def completion_response(
+    id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict
+) -> dict[str, Any]:
+    choices = [
+        {"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))
+    ]
     return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": use}
 
 

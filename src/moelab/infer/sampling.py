@@ -105,7 +105,9 @@ def sample_rows(logits_BV: torch.Tensor, params: Sequence[SamplingParams], unifo
     return tokens_B.tolist()
 
 
-def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One token id per row, all rows with the same settings and generator: [B] int64."""
     uniform = [0.0 if params.greedy else draw_uniform(generator) for _ in range(logits_BV.shape[0])]
     return torch.tensor(sample_rows(logits_BV, [params] * logits_BV.shape[0], uniform), device=logits_BV.device)

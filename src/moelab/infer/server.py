@@ -101,10 +101,20 @@ class _State:
             return self.engine
         if self.status == "failed":
             raise APIError(503, f"the model failed to load: {self.error}", "server_error", None, "model_load_failed")
-        raise APIError(503, "the model is loading; retry shortly (GET /health says 200 when ready)", "server_error", None, "model_loading")
+        raise APIError(
+            503,
+            "the model is loading; retry shortly (GET /health says 200 when ready)",
+            "server_error",
+            None,
+            "model_loading",
+        )
 
 
-def create_app(load: Callable[[], Servable], settings: ServerSettings = ServerSettings(), on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    load: Callable[[], Servable],
+    settings: ServerSettings = ServerSettings(),
+    on_load_error: Callable[[str], None] | None = None,
+) -> FastAPI:
     """The app. `load` runs in a background thread after startup; if it raises, /health reports
     the error with 503 and `on_load_error` (if given) is called with the message."""
     settings.engine.validate()
@@ -144,16 +154,30 @@ def create_app(load: Callable[[], Servable], settings: ServerSettings = ServerSe
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", "authentication_error", None, "missing_api_key")
+            raise APIError(
+                401,
+                "missing API key: send the header 'Authorization: Bearer <key>'",
+                "authentication_error",
+                None,
+                "missing_api_key",
+            )
         # NOTE: compare_digest takes the same time wherever the strings differ, so the response
         # time tells an attacker nothing about how much of a guess was right. Starlette decodes
         # headers as latin-1, so encoding back gives the bytes the client sent (UTF-8 for a key).
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("latin-1"), settings.api_key.encode()
+        ):
             raise APIError(401, "incorrect API key", "authentication_error", None, "invalid_api_key")
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_name!r}", "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {settings.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     @app.get("/health")
     async def health() -> Response:
@@ -198,7 +222,11 @@ def create_app(load: Callable[[], Servable], settings: ServerSettings = ServerSe
         body = wire.parse_chat(await _read_json(request, settings.max_body_bytes), engine.config.max_batch)
         check_model(body.model)
         if state.chat is None:
-            raise bad_request("this model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use /v1/completions", "messages", "chat_not_supported")
+            raise bad_request(
+                "this model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use /v1/completions",
+                "messages",
+                "chat_not_supported",
+            )
         prompt = state.chat.encode(body.messages)
         max_tokens = _fit_context([prompt], body.max_tokens, None, engine.context, "messages")
         job = _engine_request(body, [prompt], max_tokens, state.chat.stop_token_ids)
@@ -219,12 +247,24 @@ async def _read_json(request: HTTPRequest, limit: int) -> Any:
         if not declared.isdigit():
             raise bad_request("invalid Content-Length header")
         if int(declared) > limit:
-            raise APIError(413, f"the request body is {int(declared)} bytes; the limit is {limit}", "invalid_request_error", None, "request_too_large")
+            raise APIError(
+                413,
+                f"the request body is {int(declared)} bytes; the limit is {limit}",
+                "invalid_request_error",
+                None,
+                "request_too_large",
+            )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes", "invalid_request_error", None, "request_too_large")
+            raise APIError(
+                413,
+                f"the request body exceeds the limit of {limit} bytes",
+                "invalid_request_error",
+                None,
+                "request_too_large",
+            )
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
@@ -242,7 +282,9 @@ def _prompt_ids(prompt: str | tuple[int, ...], tokenizer: TextTokenizer) -> list
     return list(prompt)
 
 
-def _fit_context(prompts: list[list[int]], max_tokens: int | None, default: int | None, context: int, param: str) -> int:
+def _fit_context(
+    prompts: list[list[int]], max_tokens: int | None, default: int | None, context: int, param: str
+) -> int:
     """max_tokens for every prompt: as asked (400 if it does not fit), else the default cut to the
     room left, else all the room left."""
     longest = max(len(p) for p in prompts)
@@ -267,7 +309,9 @@ def _fit_context(prompts: list[list[int]], max_tokens: int | None, default: int 
     return room if default is None else min(default, room)
 
 
-def _engine_request(body: CompletionBody | ChatBody, prompts: list[list[int]], max_tokens: int, stop_ids: frozenset[int]) -> EngineRequest:
+def _engine_request(
+    body: CompletionBody | ChatBody, prompts: list[list[int]], max_tokens: int, stop_ids: frozenset[int]
+) -> EngineRequest:
     return EngineRequest(
         prompts=tuple(tuple(p) for p in prompts),
         max_tokens=max_tokens,
@@ -296,7 +340,9 @@ class _Subscription:
             self.handle = engine.submit(request, self._sink)
         except QueueFull as exc:
             metrics.rejected.inc()
-            raise APIError(429, f"the server is busy ({exc}); retry shortly", "rate_limit_error", None, "queue_full") from None
+            raise APIError(
+                429, f"the server is busy ({exc}); retry shortly", "rate_limit_error", None, "queue_full"
+            ) from None
         except EngineClosed:
             raise APIError(503, "the server is shutting down", "server_error", None, "shutting_down") from None
         metrics.prompt_tokens.inc(request.prompt_tokens)
@@ -328,7 +374,9 @@ class _Subscription:
             self.metrics.cancelled.inc()
 
 
-async def _respond(request: HTTPRequest, engine: Engine, metrics: ServerMetrics, body, job: EngineRequest, chat: bool) -> Response:
+async def _respond(
+    request: HTTPRequest, engine: Engine, metrics: ServerMetrics, body, job: EngineRequest, chat: bool
+) -> Response:
     sub = _Subscription(engine, job, metrics)
     response_id, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
     if body.stream:
@@ -379,24 +427,34 @@ def _sse_line(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse(sub: _Subscription, job: EngineRequest, body, response_id: str, created: int, chat: bool) -> AsyncIterator[str]:
+async def _sse(
+    sub: _Subscription, job: EngineRequest, body, response_id: str, created: int, chat: bool
+) -> AsyncIterator[str]:
     """Server-sent events: chunks as tokens become text, an optional usage chunk, then [DONE].
     Starlette cancels this generator when the client disconnects; `finally` frees the rows."""
     model = body.model
     try:
         if chat:
             for index in range(job.choices):
-                yield _sse_line(wire.chat_chunk(response_id, created, model, index, {"role": "assistant", "content": ""}, None))
+                yield _sse_line(
+                    wire.chat_chunk(response_id, created, model, index, {"role": "assistant", "content": ""}, None)
+                )
         while True:
             event = await sub.next()
             if isinstance(event, Chunk):
                 if chat:
                     if event.text:
-                        yield _sse_line(wire.chat_chunk(response_id, created, model, event.index, {"content": event.text}, None))
+                        yield _sse_line(
+                            wire.chat_chunk(response_id, created, model, event.index, {"content": event.text}, None)
+                        )
                     if event.finish_reason:
-                        yield _sse_line(wire.chat_chunk(response_id, created, model, event.index, {}, event.finish_reason))
+                        yield _sse_line(
+                            wire.chat_chunk(response_id, created, model, event.index, {}, event.finish_reason)
+                        )
                 elif event.text or event.finish_reason:
-                    yield _sse_line(wire.completion_chunk(response_id, created, model, event.index, event.text, event.finish_reason))
+                    yield _sse_line(
+                        wire.completion_chunk(response_id, created, model, event.index, event.text, event.finish_reason)
+                    )
             elif isinstance(event, Finished):
                 if body.include_usage:
                     use = wire.usage(event.prompt_tokens, event.completion_tokens)
@@ -416,7 +474,9 @@ async def _sse(sub: _Subscription, job: EngineRequest, body, response_id: str, c
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    def answer(status: int, message: str, type: str, param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    def answer(
+        status: int, message: str, type: str, param: str | None = None, code: str | None = None, headers=None
+    ) -> JSONResponse:
         return JSONResponse(wire.error_body(message, type, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
@@ -427,7 +487,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return answer(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error", None, code, exc.headers)
+        return answer(
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            "invalid_request_error",
+            None,
+            code,
+            exc.headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
@@ -454,7 +521,9 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = next((e for e in _ENDPOINTS if path == e or (e == "/v1/models" and path.startswith(e + "/"))), "other")
+        endpoint = next(
+            (e for e in _ENDPOINTS if path == e or (e == "/v1/models" and path.startswith(e + "/"))), "other"
+        )
         status = 500
         start = time.perf_counter()
 
@@ -500,7 +569,9 @@ class BackgroundServer:
         self.sock = bind(host, 0)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn_server(app, host, self.port, log_level)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="moelab-uvicorn", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="moelab-uvicorn", daemon=True
+        )
 
     @property
     def url(self) -> str:

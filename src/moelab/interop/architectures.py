@@ -97,40 +97,90 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {
         **_COMMON_DEFAULTS,
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-        "attention_bias": False, "mlp_bias": False,
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "attention_bias": False,
+        "mlp_bias": False,
     },
     "mixtral": {
         **_COMMON_DEFAULTS,
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
-        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "num_experts_per_tok": 2,
-        "num_local_experts": 8, "router_aux_loss_coef": 0.001,
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": None,
+        "num_experts_per_tok": 2,
+        "num_local_experts": 8,
+        "router_aux_loss_coef": 0.001,
     },
     "qwen2_moe": {
         **_COMMON_DEFAULTS,
-        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": 4096, "decoder_sparse_step": 1,
-        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
-        "num_experts": 60, "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None,
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4,
+        "num_experts": 60,
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": None,
         "qkv_bias": True,
     },
     "qwen3_moe": {
         **_COMMON_DEFAULTS,
-        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
-        "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096,
-        "decoder_sparse_step": 1, "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_experts": 128,
-        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None,
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": 768,
+        "num_experts_per_tok": 8,
+        "num_experts": 128,
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": None,
     },
     "olmoe": {
         **_COMMON_DEFAULTS,
-        "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
-        "num_attention_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "attention_bias": False, "clip_qkv": None, "num_experts_per_tok": 8, "num_experts": 64,
-        "router_aux_loss_coef": 0.01, "norm_topk_prob": False,
+        "vocab_size": 50304,
+        "hidden_size": 2048,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "attention_bias": False,
+        "clip_qkv": None,
+        "num_experts_per_tok": 8,
+        "num_experts": 64,
+        "router_aux_loss_coef": 0.01,
+        "norm_topk_prob": False,
     },
 }
 # config.json spellings transformers accepts for the same setting (its attribute_map).
@@ -189,7 +239,9 @@ class HFConfig:
         params = self.raw.get("rope_parameters")
         theta = self.raw.get("rope_theta", self.get("rope_theta"))
         if params is not None:
-            if not isinstance(params, dict) or not all(isinstance(v, (int, float, str, type(None))) for v in params.values()):
+            if not isinstance(params, dict) or not all(
+                isinstance(v, (int, float, str, type(None))) for v in params.values()
+            ):
                 raise self.error("rope_parameters", "one set of plain rotary parameters (not one per layer type)")
             kind = params.get("rope_type", params.get("type", "default"))
             if kind != "default":
@@ -288,7 +340,10 @@ class Architecture:
         window = hf.get("sliding_window")
         enabled = hf.get("use_sliding_window", True)
         if enabled and window is not None and window < cfg.max_seq_len:
-            raise hf.error("sliding_window", f"none, or at least the context length ({cfg.max_seq_len}); moelab attends to the whole context")
+            raise hf.error(
+                "sliding_window",
+                f"none, or at least the context length ({cfg.max_seq_len}); moelab attends to the whole context",
+            )
 
 
 class Llama(Architecture):
@@ -326,11 +381,15 @@ class Mixtral(Architecture):
         out = super().problems(cfg)
         if cfg.moe is not None:
             if not _all_moe(cfg):
-                out.append("dense layers among the MoE layers (model.moe.first_dense / every); every Mixtral layer is MoE")
+                out.append(
+                    "dense layers among the MoE layers (model.moe.first_dense / every); every Mixtral layer is MoE"
+                )
             if not cfg.moe.renormalize:
                 out.append("model.moe.renormalize = false (Mixtral always renormalises the top-k weights)")
             if cfg.moe.num_shared_experts:
-                out.append(f"model.moe.num_shared_experts = {cfg.moe.num_shared_experts} (Mixtral has no shared experts)")
+                out.append(
+                    f"model.moe.num_shared_experts = {cfg.moe.num_shared_experts} (Mixtral has no shared experts)"
+                )
         if cfg.qkv_bias:
             out.append("model.qkv_bias = true (Mixtral's attention has no biases)")
         if cfg.qk_norm != "none":
@@ -371,7 +430,10 @@ def _qwen_layers(hf: HFConfig, n_layers: int) -> tuple[int, int]:
         raise hf.error("mlp_only_layers", "a list of layer indices")
     sparse = [i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0]
     if not sparse:
-        raise hf.error("mlp_only_layers", "settings that leave at least one MoE layer (decoder_sparse_step and mlp_only_layers make every layer dense)")
+        raise hf.error(
+            "mlp_only_layers",
+            "settings that leave at least one MoE layer (decoder_sparse_step and mlp_only_layers make every layer dense)",
+        )
     first = sparse[0]
     if sparse != [i for i in range(first, n_layers) if (i + 1) % step == 0]:
         raise hf.error(
@@ -496,12 +558,16 @@ class Olmoe(Architecture):
     def problems(self, cfg):
         out = super().problems(cfg)
         if cfg.qk_norm != "full":
-            out.append(f'model.qk_norm = {cfg.qk_norm!r} (OLMoE normalises the whole query and key projections: "full")')
+            out.append(
+                f'model.qk_norm = {cfg.qk_norm!r} (OLMoE normalises the whole query and key projections: "full")'
+            )
         if cfg.head_dim not in (0, cfg.d_model // cfg.n_heads):
             out.append(f"model.head_dim = {cfg.head_dim} (OLMoE's head size is d_model / n_heads)")
         if cfg.moe is not None:
             if not _all_moe(cfg):
-                out.append("dense layers among the MoE layers (model.moe.first_dense / every); every OLMoE layer is MoE")
+                out.append(
+                    "dense layers among the MoE layers (model.moe.first_dense / every); every OLMoE layer is MoE"
+                )
             if cfg.moe.num_shared_experts:
                 out.append(f"model.moe.num_shared_experts = {cfg.moe.num_shared_experts} (OLMoE has no shared experts)")
         if cfg.qkv_bias:
@@ -529,7 +595,10 @@ class Olmoe(Architecture):
         hf.require("clip_qkv", lambda v: v is None, "none (moelab does not clip queries, keys and values)")
         cfg = super().from_hf_config(hf)
         if cfg.head_dim:
-            raise hf.error("head_dim", f"hidden_size / num_attention_heads ({cfg.d_model // cfg.n_heads}); OLMoE's q/k norms assume it")
+            raise hf.error(
+                "head_dim",
+                f"hidden_size / num_attention_heads ({cfg.d_model // cfg.n_heads}); OLMoE's q/k norms assume it",
+            )
         cfg.qk_norm = "full"
         cfg.moe = MoEConfig(
             num_experts=hf.int("num_experts"),
@@ -576,13 +645,19 @@ def unexportable(cfg: ModelConfig) -> list[str]:
         return []
     out = []
     if moe.routing != "token_choice":
-        out.append(f"model.moe.routing = {moe.routing!r} (expert-choice routing: every supported architecture routes each token to its top-k experts)")
+        out.append(
+            f"model.moe.routing = {moe.routing!r} (expert-choice routing: every supported architecture routes each token to its top-k experts)"
+        )
     if moe.capacity_factor is not None:
-        out.append(f"model.moe.capacity_factor = {moe.capacity_factor} (token dropping by expert capacity: the supported architectures are dropless)")
+        out.append(
+            f"model.moe.capacity_factor = {moe.capacity_factor} (token dropping by expert capacity: the supported architectures are dropless)"
+        )
     if moe.scoring != "softmax":
         out.append(f"model.moe.scoring = {moe.scoring!r} (the supported architectures score experts with a softmax)")
     if cfg.qk_norm != "none" and moe.num_shared_experts:
-        out.append("q/k norm together with shared experts (Qwen2-MoE has shared experts but no q/k norm; Qwen3-MoE and OLMoE the reverse)")
+        out.append(
+            "q/k norm together with shared experts (Qwen2-MoE has shared experts but no q/k norm; Qwen3-MoE and OLMoE the reverse)"
+        )
     return out
 
 

@@ -104,15 +104,21 @@ def export_equivalent(
         if cfg.moe.num_shared_experts and not cfg.moe.shared_expert_gate:
             for i in _moe_layers(cfg):
                 state[f"blocks.{i}.ffn.shared_gate.weight"] = torch.zeros(1, D)
-                state[f"blocks.{i}.ffn.shared.down_proj.weight"] = state[f"blocks.{i}.ffn.shared.down_proj.weight"] * 2.0
-            notes.append("ungated shared experts written with a zero shared_expert_gate (sigmoid(0) = 1/2) and doubled down projections")
+                state[f"blocks.{i}.ffn.shared.down_proj.weight"] = (
+                    state[f"blocks.{i}.ffn.shared.down_proj.weight"] * 2.0
+                )
+            notes.append(
+                "ungated shared experts written with a zero shared_expert_gate (sigmoid(0) = 1/2) and doubled down projections"
+            )
             cfg = with_moe(cfg, shared_expert_gate=True)
         elif not cfg.moe.num_shared_experts:
             for i in _moe_layers(cfg):
                 state[f"blocks.{i}.ffn.shared.gate_up_proj.weight"] = torch.zeros(2, D)
                 state[f"blocks.{i}.ffn.shared.down_proj.weight"] = torch.zeros(D, 1)
                 state[f"blocks.{i}.ffn.shared_gate.weight"] = torch.zeros(1, D)
-            notes.append("no shared expert: written as a Qwen2-MoE shared expert of hidden size 1 with zero weights, which adds exactly 0")
+            notes.append(
+                "no shared expert: written as a Qwen2-MoE shared expert of hidden size 1 with zero weights, which adds exactly 0"
+            )
             cfg = with_moe(cfg, num_shared_experts=1, shared_expert_hidden=1, shared_expert_gate=True)
     return cfg, state, notes
 
@@ -151,7 +157,9 @@ def plan_export(
         shapes = moelab_shapes(cfg2)
         wrong = [n for n in shapes if n not in state2 or tuple(state2[n].shape) != shapes[n]]
         if wrong or len(shapes) != len(state2):
-            raise MoelabError(f"internal error: the weights do not fit the {architecture.name} form of the model ({wrong[:3]})")
+            raise MoelabError(
+                f"internal error: the weights do not fit the {architecture.name} form of the model ({wrong[:3]})"
+            )
         moe = cfg2.moe
         slots = keymap.expand(architecture.keymap, state2, cfg2.n_layers, moe.num_experts if moe else 0)
         left = [n for n in keymap.uncovered(slots, state2) if not n.endswith(MOELAB_ONLY)]
@@ -186,7 +194,14 @@ def export_hf(
         files = write_safetensors(tensors, tmp, max_shard_bytes)
         tokens = _write_tokenizer(loaded.run.path, loaded.tokenizer, cfg.max_seq_len, tmp)
         config = architecture.to_hf_config(cfg2)
-        config.update({"bos_token_id": tokens["bos"], "eos_token_id": tokens["eos"], "pad_token_id": tokens["pad"], "dtype": dtype})
+        config.update(
+            {
+                "bos_token_id": tokens["bos"],
+                "eos_token_id": tokens["eos"],
+                "pad_token_id": tokens["pad"],
+                "dtype": dtype,
+            }
+        )
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", tokens["generation"])
         files += ["config.json", "generation_config.json"] + tokens["files"]
@@ -222,7 +237,13 @@ def _write_tokenizer(run_dir: Path, tokenizer: TextTokenizer, max_len: int, out:
         generation = run_dir / "generation_config.json"
         generation = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
     else:
-        special = {"bos_token": None, "eos_token": EOS, "pad_token": PAD, "unk_token": None, "additional_special_tokens": [IM_START, IM_END]}
+        special = {
+            "bos_token": None,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": None,
+            "additional_special_tokens": [IM_START, IM_END],
+        }
         _write_json(
             out / HF_TOKENIZER_CONFIG,
             {
@@ -239,5 +260,10 @@ def _write_tokenizer(run_dir: Path, tokenizer: TextTokenizer, max_len: int, out:
         # a chat reply ends with <|im_end|>, a document with <|endoftext|>: generation stops at either
         eos_ids = [tokenizer.eos_id, tokenizer.token_id(IM_END)]
         generation = {}
-    generation = {**generation, "bos_token_id": bos_id, "eos_token_id": generation.get("eos_token_id", eos_ids), "pad_token_id": tokenizer.pad_id}
+    generation = {
+        **generation,
+        "bos_token_id": bos_id,
+        "eos_token_id": generation.get("eos_token_id", eos_ids),
+        "pad_token_id": tokenizer.pad_id,
+    }
     return {"bos": bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "generation": generation, "files": files}

@@ -125,10 +125,14 @@ def load_hf_weights(hf_dir: Path, arch: Architecture, cfg: ModelConfig) -> dict[
             want = keymap.slot_shape(shapes[slot.ours], slot)
             got = files.shape(slot.hf)
             if got != want:
-                raise MoelabError(f"{files.file_of(slot.hf)}: {slot.hf} has shape {list(got)}, but config.json implies {list(want)}")
+                raise MoelabError(
+                    f"{files.file_of(slot.hf)}: {slot.hf} has shape {list(got)}, but config.json implies {list(want)}"
+                )
             tensor = files.read(slot.hf)
             if not tensor.is_floating_point():
-                raise MoelabError(f"{files.file_of(slot.hf)}: {slot.hf} has dtype {tensor.dtype}; moelab loads floating-point weights only")
+                raise MoelabError(
+                    f"{files.file_of(slot.hf)}: {slot.hf} has dtype {tensor.dtype}; moelab loads floating-point weights only"
+                )
             tensor = tensor.float()
             if not bool(torch.isfinite(tensor).all()):
                 raise MoelabError(f"{files.file_of(slot.hf)}: {slot.hf} contains NaN or infinite values")
@@ -158,7 +162,9 @@ def load_hf_tokenizer(hf_dir: Path, config: dict[str, Any]) -> tuple[TextTokeniz
         eos_id = ids[0] if isinstance(ids, list) and ids else ids
         eos = tokenizer.id_to_token(eos_id) if isinstance(eos_id, int) else None
         if eos is None:
-            raise MoelabError(f"{config_path} names no eos_token, and neither generation_config.json nor config.json has an eos_token_id in the vocabulary")
+            raise MoelabError(
+                f"{config_path} names no eos_token, and neither generation_config.json nor config.json has an eos_token_id in the vocabulary"
+            )
         pad_id = config.get("pad_token_id")
         pad = tokenizer.id_to_token(pad_id) if isinstance(pad_id, int) else None
         tok_config = {**tok_config, "eos_token": eos, "pad_token": pad}
@@ -185,7 +191,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, max_seq_len: int | None = Non
     data.seq_len = min(data.seq_len, cfg.max_seq_len)
     run_cfg = RunConfig(model=cfg, data=data).validate()
     with tempfile.TemporaryDirectory() as tmp:
-        files = {name: hf_dir / name for name in (*HF_TOKENIZER_FILES, "generation_config.json") if (hf_dir / name).is_file()}
+        files = {
+            name: hf_dir / name for name in (*HF_TOKENIZER_FILES, "generation_config.json") if (hf_dir / name).is_file()
+        }
         files[HF_TOKENIZER_CONFIG] = Path(tmp) / HF_TOKENIZER_CONFIG
         files[HF_TOKENIZER_CONFIG].write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
         source = f"import: {hf_dir.resolve()} ({checkpoint.architecture.name})"

@@ -44,7 +44,9 @@ class UpcycleResult:
     max_logit_diff: float  # |upcycled - dense| logits on a probe sequence at step 0
 
 
-def upcycled_config(dense: RunConfig, experts: int, top_k: int, granularity: int = 1, overrides: list[str] | None = None) -> RunConfig:
+def upcycled_config(
+    dense: RunConfig, experts: int, top_k: int, granularity: int = 1, overrides: list[str] | None = None
+) -> RunConfig:
     """The dense run's config with an MoE FFN in every layer (model.moe.every / first_dense may be
     overridden, as may any train.*, monitor.* or model.moe.* setting)."""
     if dense.model.moe is not None:
@@ -52,9 +54,13 @@ def upcycled_config(dense: RunConfig, experts: int, top_k: int, granularity: int
     H = dense.model.ffn_hidden
     G = granularity
     if G < 1 or H % G:
-        raise MoelabError(f"--granularity {G} is not allowed: a divisor of the dense FFN's hidden size {H} (experts of hidden {H} / G)")
+        raise MoelabError(
+            f"--granularity {G} is not allowed: a divisor of the dense FFN's hidden size {H} (experts of hidden {H} / G)"
+        )
     if experts < 1 or experts % G:
-        raise MoelabError(f"--experts {experts} is not allowed: a positive multiple of --granularity {G} (each copy of the FFN is split into G experts)")
+        raise MoelabError(
+            f"--experts {experts} is not allowed: a positive multiple of --granularity {G} (each copy of the FFN is split into G experts)"
+        )
     if top_k < 1 or top_k % G or top_k > experts:
         raise MoelabError(
             f"--top-k {top_k} is not allowed: a multiple of --granularity {G}, at most --experts {experts} "
@@ -63,7 +69,9 @@ def upcycled_config(dense: RunConfig, experts: int, top_k: int, granularity: int
     for text in overrides or []:
         key = text.split("=", 1)[0].strip()
         if not key.startswith(("model.moe.", "train.", "monitor.")):
-            raise MoelabError(f"--set {text} cannot change an upcycled model: only model.moe.*, train.* and monitor.* settings may change")
+            raise MoelabError(
+                f"--set {text} cannot change an upcycled model: only model.moe.*, train.* and monitor.* settings may change"
+            )
     moe = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=H // G, route_scale=float(G), renormalize=True)
     data = dense.to_dict()
     data["model"]["moe"] = {k: v for k, v in dataclasses.asdict(moe).items() if v is not None}

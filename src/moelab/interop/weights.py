@@ -26,7 +26,18 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' customary "5GB"
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -37,7 +48,9 @@ def parse_size(text: str | int) -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _UNITS:
-            raise MoelabError(f"shard size {text!r} is not allowed: a size such as 5GB, 500MB, 2GiB or a number of bytes")
+            raise MoelabError(
+                f"shard size {text!r} is not allowed: a size such as 5GB, 500MB, 2GiB or a number of bytes"
+            )
         value = int(float(match.group(1)) * _UNITS[unit])
     if value < 1:
         raise MoelabError(f"shard size {text!r} is not allowed: a size > 0")
@@ -49,7 +62,9 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[str]:
     """Write `tensors` into out_dir, sharded when their total size exceeds `max_shard_bytes`;
     returns the file names written. A tensor larger than the limit gets a shard of its own."""
     names = sorted(tensors, key=_natural_key)
@@ -97,7 +112,9 @@ class WeightFiles:
                 if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise MoelabError(f"{index} is not a valid safetensors index (it needs a weight_map of tensor name -> file)") from None
+                raise MoelabError(
+                    f"{index} is not a valid safetensors index (it needs a weight_map of tensor name -> file)"
+                ) from None
             files = {f: self.dir / f for f in set(weight_map.values())}
             for name, path in files.items():
                 if Path(name).name != name:

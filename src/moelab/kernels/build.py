@@ -71,7 +71,13 @@ def build(name: str, directory: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cc} --version failed: {e}") from None
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join((cc, *CFLAGS)).encode(), version.encode(), _cpu_flags().encode(), platform.machine().encode()):
+    for part in (
+        source.read_bytes(),
+        " ".join((cc, *CFLAGS)).encode(),
+        version.encode(),
+        _cpu_flags().encode(),
+        platform.machine().encode(),
+    ):
         key.update(part)
         key.update(b"\0")
     directory = directory or cache_dir()
@@ -85,7 +91,9 @@ def build(name: str, directory: Path | None = None) -> Path:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise KernelBuildError(f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+            raise KernelBuildError(
+                f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+            )
         os.replace(tmp, library)  # atomic: a concurrent build renames an identical file
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{' '.join(command)} failed: {e}") from None
@@ -102,7 +110,9 @@ def load(name: str) -> ctypes.CDLL | None:
     if switch in ("0", "off", "false", "no"):
         return None
     if switch not in ("1", "on", "true", "yes", ""):
-        log.warning("%s=%r is not one of 0, off, false, no, 1, on, true, yes: native kernels stay on", DISABLE_ENV, switch)
+        log.warning(
+            "%s=%r is not one of 0, off, false, no, 1, on, true, yes: native kernels stay on", DISABLE_ENV, switch
+        )
     try:
         # NOTE: CDLL releases the GIL for the call, as PyTorch's own operators do, so a server's
         # other threads run while a kernel does (PyDLL, holding it, measured no faster).

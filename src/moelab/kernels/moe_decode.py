@@ -31,7 +31,10 @@ class LayerArgs(ctypes.Structure):
         ("scoring", ctypes.c_int64),
         ("renormalize", ctypes.c_int64),
         ("route_scale", ctypes.c_float),
-        *((name, ctypes.c_void_p) for name in ("router", "bias", "gate_up", "down", "sh_gate_up", "sh_down", "sh_gate")),
+        *(
+            (name, ctypes.c_void_p)
+            for name in ("router", "bias", "gate_up", "down", "sh_gate_up", "sh_down", "sh_gate")
+        ),
     ]
 
 
@@ -42,7 +45,14 @@ def _kernel():
     if lib is None:
         return None
     fn = lib.moelab_moe_decode_f32
-    fn.argtypes = [ctypes.POINTER(LayerArgs), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.POINTER(LayerArgs),
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     fn.restype = ctypes.c_int
     return fn
 
@@ -62,7 +72,9 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.dtype is f32 and t.is_cpu and t.is_contiguous()) for t in tensors)
 
 
-def _shape_error(router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D) -> str | None:
+def _shape_error(
+    router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D
+) -> str | None:
     """What is missing or inconsistent about the shapes, or None."""
     for name, t in (("router", router_ED), ("gate_up", gate_up_E2ID), ("down", down_EDI)):
         if t is None:
@@ -82,7 +94,9 @@ def _shape_error(router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, 
     for name, t, shape in expected:
         if t is not None and t.shape != shape:
             return f"{name} has shape {tuple(t.shape)}, expected {shape} for gate_up {tuple(gate_up_E2ID.shape)}"
-    if (shared_gate_up_2HD is None) != (shared_down_DH is None) or (shared_gate_1D is not None and shared_gate_up_2HD is None):
+    if (shared_gate_up_2HD is None) != (shared_down_DH is None) or (
+        shared_gate_1D is not None and shared_gate_up_2HD is None
+    ):
         return "shared gate_up and shared down come together, and shared gate only with them"
     return None
 
@@ -92,7 +106,15 @@ class FusedMoEDecode:
     addresses they had. Whoever keeps a binding must see that the memory has not moved
     (`share_memory_()`, a `.data` swap) before calling it; moelab.model.moe.FusedBinding does."""
 
-    def __init__(self, fn, weights: tuple[torch.Tensor | None, ...], top_k: int, scoring: str, renormalize: bool, route_scale: float):
+    def __init__(
+        self,
+        fn,
+        weights: tuple[torch.Tensor | None, ...],
+        top_k: int,
+        scoring: str,
+        renormalize: bool,
+        route_scale: float,
+    ):
         router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D = weights
         E, two_I, D = gate_up_E2ID.shape
         self._fn = fn
@@ -111,7 +133,9 @@ class FusedMoEDecode:
         chosen experts [T, k] (int64) and their weights [T, k], T = x.numel() / D."""
         D = self.d_model
         if x.dim() == 0 or x.shape[-1] != D or not usable(x):
-            raise ValueError(f"x must be a contiguous fp32 CPU tensor [..., {D}], got {x.dtype} {tuple(x.shape)} on {x.device}")
+            raise ValueError(
+                f"x must be a contiguous fp32 CPU tensor [..., {D}], got {x.dtype} {tuple(x.shape)} on {x.device}"
+            )
         return self.run(x, x.numel(), return_routing)
 
     def run(self, x: torch.Tensor, numel: int, return_routing: bool = False):

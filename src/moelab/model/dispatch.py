@@ -97,7 +97,9 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return False
 
 
-def grouped_mm(x_SK: torch.Tensor, weight_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def grouped_mm(
+    x_SK: torch.Tensor, weight_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
     """out[s] = x[s] @ weight[e(s)].T for slots grouped by expert; returns [S, N].
 
     impl: "auto" (grouped_mm where it has a kernel, else padded bmm), "grouped_mm" or "padded".

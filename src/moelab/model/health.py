@@ -83,7 +83,9 @@ def expert_weight_stats(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, 
     (upcycled experts that never diverged, experts trained on the same tokens); it does not see
     experts that compute the same function with permuted hidden units."""
     E = gate_up.shape[0]
-    gram_EE = sum(torch.mm(w.detach().reshape(E, -1).float(), w.detach().reshape(E, -1).float().T) for w in (gate_up, down))
+    gram_EE = sum(
+        torch.mm(w.detach().reshape(E, -1).float(), w.detach().reshape(E, -1).float().T) for w in (gate_up, down)
+    )
     gram = gram_EE.double().cpu()
     norms = gram.diagonal().clamp_min(0).sqrt()
     out: dict[str, Any] = {"weight_norm": norms.tolist()}
@@ -114,7 +116,9 @@ def routing_skewed(score: float | None, imbalance: float | None, cfg: MonitorCon
     return cfg.collapse_imbalance > 0 and imbalance is not None and imbalance >= cfg.collapse_imbalance
 
 
-def router_health(model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True) -> dict[str, Any]:
+def router_health(
+    model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True
+) -> dict[str, Any]:
     """Flat metrics `router.<layer>.<name>` for one logging interval (see docs/monitoring.md).
 
     Routing metrics cover every training forward since the last read (`router_stats` comes from
@@ -148,4 +152,10 @@ def router_health(model: nn.Module, router_stats: dict[int, dict[str, Any]], wit
 
 def router_layers(record: dict[str, Any]) -> list[int]:
     """The MoE layers a metrics record has router metrics for."""
-    return sorted({int(k.split(".")[1]) for k in record if k.startswith("router.") and k.count(".") >= 2 and k.split(".")[1].isdigit()})
+    return sorted(
+        {
+            int(k.split(".")[1])
+            for k in record
+            if k.startswith("router.") and k.count(".") >= 2 and k.split(".")[1].isdigit()
+        }
+    )

@@ -37,7 +37,9 @@ class Routing:
 
     plan: DispatchPlan | None  # None on the few-token decode path
     logits_TE: torch.Tensor  # [T, E] fp32 router logits
-    probs_TE: torch.Tensor | None  # [T, E] fp32 per-token distribution over experts (sums to 1); None on the decode path
+    probs_TE: (
+        torch.Tensor | None
+    )  # [T, E] fp32 per-token distribution over experts (sums to 1); None on the decode path
     slots_per_expert_E: torch.Tensor | None  # [E] slots routed to each expert before any dropping
     expert_TK: torch.Tensor | None = None  # [T, k] chosen experts (decode path only)
     weight_TK: torch.Tensor | None = None  # [T, k] their weights (decode path only)
@@ -74,7 +76,13 @@ class Router(nn.Module):
         logits_TE = self._logits(x_TD)
         T = x_TD.shape[0]
         capacity = expert_capacity(T, cfg)
-        if not need_plan and capacity is None and cfg.routing == "token_choice" and cfg.scoring == "softmax" and cfg.renormalize:
+        if (
+            not need_plan
+            and capacity is None
+            and cfg.routing == "token_choice"
+            and cfg.scoring == "softmax"
+            and cfg.renormalize
+        ):
             # NOTE: decoding skips the softmax over all E experts: softmax is monotone, so the top-k
             # logits are the top-k probabilities, and renormalising k probabilities is a softmax over
             # their k logits. Equal to the general path up to rounding.
@@ -86,7 +94,14 @@ class Router(nn.Module):
             weight_TK = torch.softmax(top_TK, dim=-1)
             if cfg.route_scale != 1.0:
                 weight_TK = weight_TK * cfg.route_scale
-            return Routing(plan=None, logits_TE=logits_TE, probs_TE=None, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
+            return Routing(
+                plan=None,
+                logits_TE=logits_TE,
+                probs_TE=None,
+                slots_per_expert_E=None,
+                expert_TK=expert_TK,
+                weight_TK=weight_TK,
+            )
         if cfg.scoring == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
             probs_TE = scores_TE
@@ -115,7 +130,14 @@ class Router(nn.Module):
             elif cfg.route_scale != 1.0:
                 weight_TK = weight_TK * cfg.route_scale
             if not need_plan and capacity is None:
-                return Routing(plan=None, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=None, expert_TK=expert_TK, weight_TK=weight_TK)
+                return Routing(
+                    plan=None,
+                    logits_TE=logits_TE,
+                    probs_TE=probs_TE,
+                    slots_per_expert_E=None,
+                    expert_TK=expert_TK,
+                    weight_TK=weight_TK,
+                )
             slots = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
             plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
         return Routing(plan=plan, logits_TE=logits_TE, probs_TE=probs_TE, slots_per_expert_E=slots)
@@ -169,7 +191,11 @@ class FusedBinding:
     kernel: native.FusedMoEDecode | None
 
     def holds(self) -> bool:
-        for container, key, obj in self.links:  # NOTE: plain loops; all() over a generator measured 2% of the decode step
+        for (
+            container,
+            key,
+            obj,
+        ) in self.links:  # NOTE: plain loops; all() over a generator measured 2% of the decode step
             if container.get(key) is not obj:
                 return False
         for tensor, address in self.addresses:
@@ -189,7 +215,9 @@ def fused_decode_context(x: torch.Tensor, training: bool) -> bool:
     """Whether the conditions of the fused CPU decode kernel that hold for a whole forward pass are
     met: eval mode, autograd and autocast off, fp32 activations on the CPU. A Transformer checks them
     once per forward and passes the answer to every MoE layer (MoE.forward's `fused_ok`)."""
-    return not training and x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled() and not _any_autocast()
+    return (
+        not training and x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled() and not _any_autocast()
+    )
 
 
 _STAT_NAMES = ("forwards", "tokens", "slots", "dropped", "entropy_sum", "z_loss_sum", "max_logit")
@@ -204,7 +232,9 @@ class MoE(nn.Module):
         self.router = Router(d_model, cfg)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_hidden)
         self.shared = SwiGLU(d_model, cfg.shared_hidden_total) if cfg.num_shared_experts > 0 else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
+        self.shared_gate = (
+            nn.Linear(d_model, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
+        )
         self.impl = "auto"  # grouped matmul implementation; tests switch it
         self.native = True  # few-token CPU forwards may use the fused C kernel (moelab.kernels); tests switch it
         self._fused: FusedBinding | None = None  # the fused decode kernel bound to this layer's weights
@@ -250,9 +280,13 @@ class MoE(nn.Module):
         routing = self.router(x_TD, need_plan=path == "grouped")
         experts = self.experts
         if path == "one_token":
-            y_TD = experts_swiglu_one_token(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
+            y_TD = experts_swiglu_one_token(
+                x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj
+            )
         elif path == "gathered":
-            y_TD = experts_swiglu_gathered(x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj)
+            y_TD = experts_swiglu_gathered(
+                x_TD, routing.expert_TK, routing.weight_TK, experts.gate_up_proj, experts.down_proj
+            )
         else:
             y_TD = experts(x_TD, routing.plan, self.impl)
         if self.shared is not None:
@@ -341,7 +375,9 @@ class MoE(nn.Module):
             return obj
 
         router = link(modules, "router")
-        if type(experts) is not Experts or not isinstance(router, Router):  # a distributed replacement dispatches itself
+        if type(experts) is not Experts or not isinstance(
+            router, Router
+        ):  # a distributed replacement dispatches itself
             return FusedBinding(links=tuple(links), addresses=(), kernel=None)
         cfg = link(router.__dict__, "cfg")  # the settings the router routes with
         shared, shared_gate = link(modules, "shared"), link(modules, "shared_gate")
@@ -364,7 +400,9 @@ class MoE(nn.Module):
             and native.available()
             and native.usable(*weights)
         ):
-            kernel = native.bind(*weights, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale)
+            kernel = native.bind(
+                *weights, top_k=cfg.top_k, scoring=cfg.scoring, renormalize=cfg.renormalize, route_scale=cfg.route_scale
+            )
         return FusedBinding(links=tuple(links), addresses=addresses, kernel=kernel)
 
     def __getstate__(self):

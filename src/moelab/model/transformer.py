@@ -153,7 +153,9 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin, positions, cache, layer, rows, fused_ok=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x, cos, sin, positions, cache, layer, rows, fused_ok=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, layer, rows)
         if self.is_moe:
             ffn_out, aux = self.ffn(self.ffn_norm(x), fused_ok)

@@ -122,7 +122,9 @@ class Monitor:
         otherwise records the values for the spike rules and returns None."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            return Alert(step, "nan", self.cfg.on_nan, f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm})")
+            return Alert(
+                step, "nan", self.cfg.on_nan, f"non-finite {what} at step {step} (loss {loss}, grad norm {grad_norm})"
+            )
         for key, value in (("loss", loss), ("grad_norm", grad_norm)):
             self.interval_max[key] = max(self.interval_max.get(key, -math.inf), value)
         self._spike("loss_spike", self.loss, step, loss, self.cfg.spike_sigma)
@@ -132,7 +134,9 @@ class Monitor:
         self._spike("grad_spike", self.grad, step, grad_norm, self.cfg.grad_spike_sigma, self.cfg.grad_spike_min_ratio)
         return None
 
-    def _spike(self, rule: str, stats: RollingStats, step: int, value: float, sigma: float, min_ratio: float = 0.0) -> None:
+    def _spike(
+        self, rule: str, stats: RollingStats, step: int, value: float, sigma: float, min_ratio: float = 0.0
+    ) -> None:
         limit = stats.limit(sigma, self.cfg.spike_min_rel, self.min_points, min_ratio)
         spiking = limit is not None and value > limit
         if spiking:
@@ -170,19 +174,30 @@ class Monitor:
         cfg = self.cfg
         rules = (
             ("loss_spike", "loss", ".3f", f"+ {cfg.spike_sigma:g} sigma"),
-            ("grad_spike", "gradient norm", ".3g", f"+ {cfg.grad_spike_sigma:g} sigma"
-             + (f", and at least {cfg.grad_spike_min_ratio:g}x the mean," if cfg.grad_spike_min_ratio > 0 else "")),
+            (
+                "grad_spike",
+                "gradient norm",
+                ".3g",
+                f"+ {cfg.grad_spike_sigma:g} sigma"
+                + (f", and at least {cfg.grad_spike_min_ratio:g}x the mean," if cfg.grad_spike_min_ratio > 0 else ""),
+            ),
         )
         for rule, what, fmt, rule_text in rules:
             s = self.pending.pop(rule, None)
             if s is None:
                 continue
             more = f"; {s.count} spiking steps in the interval, peak {s.peak:{fmt}}" if s.count > 1 else ""
-            alerts.append(Alert(
-                s.step, rule, cfg.on_spike,
-                f"{what} spike at step {s.step}: {s.value:{fmt}} above the limit {s.limit:{fmt}} "
-                f"(rolling mean {s.mean:{fmt}} {rule_text} over up to {cfg.spike_window} steps){more}",
-                value=s.value, threshold=s.limit))
+            alerts.append(
+                Alert(
+                    s.step,
+                    rule,
+                    cfg.on_spike,
+                    f"{what} spike at step {s.step}: {s.value:{fmt}} above the limit {s.limit:{fmt}} "
+                    f"(rolling mean {s.mean:{fmt}} {rule_text} over up to {cfg.spike_window} steps){more}",
+                    value=s.value,
+                    threshold=s.limit,
+                )
+            )
         return alerts
 
     def _fire(self, rule: str, layer: int, condition: bool, alert: Alert | None) -> list[Alert]:
@@ -211,7 +226,9 @@ class Monitor:
             # An interval without routed tokens says nothing about the routing: counters stay put.
             health[p + "starved"] = 0
             health[p + "dead"] = sum(c >= cfg.persist_intervals for c in self.starved.get(key, []))
-            health[p + "dead_experts"] = [e for e, c in enumerate(self.starved.get(key, [])) if c >= cfg.persist_intervals]
+            health[p + "dead_experts"] = [
+                e for e, c in enumerate(self.starved.get(key, [])) if c >= cfg.persist_intervals
+            ]
             return alerts
 
         # Collapse: routing concentrated on few experts (collapse score), or max/mean load above an
@@ -225,12 +242,24 @@ class Monitor:
         collapsed = self.skewed[key] >= cfg.persist_intervals
         top = max(range(E), key=share.__getitem__)
         n_eff = effective_experts(share)
-        alerts += self._fire("collapse", layer, collapsed, Alert(
-            step, "collapse", cfg.on_collapse,
-            f"layer {layer}: routing collapsed onto {n_eff:.1f} effective experts of {E} (collapse score {score:.2f} >= "
-            f"{cfg.collapse_score:g} for {self.skewed[key]} intervals); expert {top} takes {share[top]:.0%} of the slots, "
-            f"max/mean load {imbalance:.2f}",
-            layer, value=score, threshold=cfg.collapse_score) if collapsed else None)
+        alerts += self._fire(
+            "collapse",
+            layer,
+            collapsed,
+            Alert(
+                step,
+                "collapse",
+                cfg.on_collapse,
+                f"layer {layer}: routing collapsed onto {n_eff:.1f} effective experts of {E} (collapse score {score:.2f} >= "
+                f"{cfg.collapse_score:g} for {self.skewed[key]} intervals); expert {top} takes {share[top]:.0%} of the slots, "
+                f"max/mean load {imbalance:.2f}",
+                layer,
+                value=score,
+                threshold=cfg.collapse_score,
+            )
+            if collapsed
+            else None,
+        )
 
         # Dead experts: share below dead_share / E for persist_intervals consecutive intervals.
         floor = self.dead_floor(E)
@@ -243,11 +272,23 @@ class Monitor:
         health[p + "starved"] = sum(s < floor for s in share)
         health[p + "dead"] = len(dead)
         health[p + "dead_experts"] = dead
-        alerts += self._fire("dead_experts", layer, bool(dead), Alert(
-            step, "dead_experts", cfg.on_dead,
-            f"layer {layer}: {len(dead)} dead expert(s) {dead[:8]}{'...' if len(dead) > 8 else ''} "
-            f"(share below {floor:.2%} for {cfg.persist_intervals} intervals)",
-            layer, value=float(len(dead)), threshold=floor) if dead else None)
+        alerts += self._fire(
+            "dead_experts",
+            layer,
+            bool(dead),
+            Alert(
+                step,
+                "dead_experts",
+                cfg.on_dead,
+                f"layer {layer}: {len(dead)} dead expert(s) {dead[:8]}{'...' if len(dead) > 8 else ''} "
+                f"(share below {floor:.2%} for {cfg.persist_intervals} intervals)",
+                layer,
+                value=float(len(dead)),
+                threshold=floor,
+            )
+            if dead
+            else None,
+        )
 
         # Router logit growth: a non-finite logit counts as grown.
         max_logit = health.get(p + "max_logit", 0.0)
@@ -255,11 +296,23 @@ class Monitor:
         key_fire = ("logit_growth", layer)
         if key_fire in self.firing and math.isfinite(max_logit) and max_logit > 0.9 * cfg.logit_growth:
             grown = True  # NOTE: hysteresis: re-arm only below 90% of the limit, so a logit hovering at it alerts once
-        alerts += self._fire("logit_growth", layer, grown, Alert(
-            step, "logit_growth", cfg.on_logit_growth,
-            f"layer {layer}: max router logit {max_logit:.1f} exceeds {cfg.logit_growth:g} "
-            "(softmax in bf16 loses precision; consider router z-loss)",
-            layer, value=max_logit, threshold=cfg.logit_growth) if grown else None)
+        alerts += self._fire(
+            "logit_growth",
+            layer,
+            grown,
+            Alert(
+                step,
+                "logit_growth",
+                cfg.on_logit_growth,
+                f"layer {layer}: max router logit {max_logit:.1f} exceeds {cfg.logit_growth:g} "
+                "(softmax in bf16 loses precision; consider router z-loss)",
+                layer,
+                value=max_logit,
+                threshold=cfg.logit_growth,
+            )
+            if grown
+            else None,
+        )
         return alerts
 
     # -- checkpoints ---------------------------------------------------------------------------

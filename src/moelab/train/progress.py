@@ -27,7 +27,9 @@ def format_count(n: float) -> str:
 
 
 class ProgressBar:
-    def __init__(self, total_steps: int, stream: TextIO | None = None, enabled: bool = True, plain_every_s: float = 10.0):
+    def __init__(
+        self, total_steps: int, stream: TextIO | None = None, enabled: bool = True, plain_every_s: float = 10.0
+    ):
         self.total = total_steps
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -36,7 +38,9 @@ class ProgressBar:
         self._last_plain = 0.0
         self._drawn = False
 
-    def update(self, step: int, loss: float, tokens_per_s: float, eta_s: float, val_loss: float | None = None, alert: str = "") -> None:
+    def update(
+        self, step: int, loss: float, tokens_per_s: float, eta_s: float, val_loss: float | None = None, alert: str = ""
+    ) -> None:
         if not self.enabled:
             return
         width = 24

@@ -141,10 +141,14 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
         elif cfg.model.vocab_size < vocab:
-            raise MoelabError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+            raise MoelabError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens"
+            )
         # (distributed) train.batch_size is the global batch: each rank reads its share of every batch.
         rank, world = (self.parallel.rank, self.parallel.world) if self.parallel is not None else (0, 1)
-        self.loader = BatchLoader(self.data.train, cfg.train.batch_size // world, cfg.data.seq_len, cfg.train.seed, rank=rank, world=world)
+        self.loader = BatchLoader(
+            self.data.train, cfg.train.batch_size // world, cfg.data.seq_len, cfg.train.seed, rank=rank, world=world
+        )
         self.eval_set = eval_batches(self.data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
 
         if resume_from is None:
@@ -153,7 +157,9 @@ class Trainer:
                 self.data.tokenizer.save(self.run.tokenizer_path)
                 write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
         elif self.run.load_tokenizer().to_json() != self.data.tokenizer.to_json():
-            raise MoelabError(f"the data's tokenizer differs from the one in {self.run.path}: the data changed since the run started")
+            raise MoelabError(
+                f"the data's tokenizer differs from the one in {self.run.path}: the data changed since the run started"
+            )
         if self.parallel is not None:
             self.parallel.main_first_end()
 
@@ -186,7 +192,6 @@ class Trainer:
         self.bar = ProgressBar(cfg.train.max_steps, enabled=progress)
 
     # -- setup helpers -----------------------------------------------------------------------
-
 
     def _resume_checkpoint(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
@@ -241,7 +246,9 @@ class Trainer:
         if state.get("fresh_start"):
             state = self._fresh_state()  # a weights-only checkpoint (moelab import / upcycle)
         if self.parallel is not None:  # (distributed) this rank's optimizer shard, data position and RNG
-            state = self.parallel.local_trainer_state(state, self.optimizer, self.model, self.loader.batch_size, self.cfg.train.seed)
+            state = self.parallel.local_trainer_state(
+                state, self.optimizer, self.model, self.loader.batch_size, self.cfg.train.seed
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
@@ -305,7 +312,14 @@ class Trainer:
         if self.is_main:
             with open(self.run.alerts_path, "a") as f:
                 f.write(json.dumps(alert.to_dict()) + "\n")
-        row = {"step": alert.step, "tokens": self.tokens, "event": "alert", "rule": alert.rule, "action": alert.action, "message": alert.message}
+        row = {
+            "step": alert.step,
+            "tokens": self.tokens,
+            "event": "alert",
+            "rule": alert.rule,
+            "action": alert.action,
+            "message": alert.message,
+        }
         if alert.layer is not None:
             row["layer"] = alert.layer  # diagnose reads it; older runs had only the message text
         self._write_metrics(row)
@@ -316,7 +330,9 @@ class Trainer:
         text = f"stopping: {alert.message}"
         if alert.action == "rollback":
             text += f"; rollback retries exhausted ({self.monitor.rollbacks} of monitor.max_rollbacks = {self.cfg.monitor.max_rollbacks} used)"
-        self._write_metrics({"step": self.step, "tokens": self.tokens, "event": "stop", "rule": alert.rule, "message": text})
+        self._write_metrics(
+            {"step": self.step, "tokens": self.tokens, "event": "stop", "rule": alert.rule, "message": text}
+        )
         if self.bar.enabled:
             self.bar.message(text)
         else:
@@ -335,7 +351,9 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x).logits
             if counted:
-                total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+                total += float(
+                    F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+                )
                 count += y.numel()
         self.model.train()
         if self.parallel is not None:
@@ -366,11 +384,19 @@ class Trainer:
             x, y = self.loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # (distributed) DDP reduces the gradients once, in the backward of the last micro-batch
-            sync = self.parallel.no_sync(self.train_model, i == cfg.grad_accum - 1) if self.parallel is not None else nullcontext()
+            sync = (
+                self.parallel.no_sync(self.train_model, i == cfg.grad_accum - 1)
+                if self.parallel is not None
+                else nullcontext()
+            )
             with sync, self._autocast():
                 out = self.train_model(x)
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
-            if self.cfg.monitor.debug_nan_step and not self.nan_injected and self.step + 1 == self.cfg.monitor.debug_nan_step:
+            if (
+                self.cfg.monitor.debug_nan_step
+                and not self.nan_injected
+                and self.step + 1 == self.cfg.monitor.debug_nan_step
+            ):
                 loss = loss * float("nan")  # test hook: a poisoned batch
                 self.nan_injected = True
             ((loss + out.aux_loss) / cfg.grad_accum).backward()
@@ -412,16 +438,35 @@ class Trainer:
         # Continue after the batch that failed: the window since the checkpoint is skipped.
         self.loader.epoch, self.loader.index = bad_loader["epoch"], bad_loader["index"]
         self.loader.skip(self.cfg.monitor.skip_batches)
-        self._write_metrics({"step": bad_step, "tokens": self.tokens, "event": "rollback", "to_step": self.step, "rule": alert.rule})
-        self.bar.message(f"rolled back to step {self.step} ({checkpoints[-1].name}); skipping the batches up to step {bad_step} (retry {self.monitor.rollbacks}/{self.cfg.monitor.max_rollbacks})")
+        self._write_metrics(
+            {"step": bad_step, "tokens": self.tokens, "event": "rollback", "to_step": self.step, "rule": alert.rule}
+        )
+        self.bar.message(
+            f"rolled back to step {self.step} ({checkpoints[-1].name}); skipping the batches up to step {bad_step} (retry {self.monitor.rollbacks}/{self.cfg.monitor.max_rollbacks})"
+        )
         return True
 
     def _checkpoint(self) -> None:
         if self.parallel is not None:  # (distributed) experts gathered to rank 0, the single-process format
             state = self._trainer_state()
-            self.parallel.save_checkpoint(self.run.path, self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints, self.checkpoint_steps)
+            self.parallel.save_checkpoint(
+                self.run.path,
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                self.cfg.train.keep_checkpoints,
+                self.checkpoint_steps,
+            )
             return
-        save_checkpoint(self.run.path, self.step, self.model, self._trainer_state(), self.cfg.train.keep_checkpoints, self.checkpoint_steps)
+        save_checkpoint(
+            self.run.path,
+            self.step,
+            self.model,
+            self._trainer_state(),
+            self.cfg.train.keep_checkpoints,
+            self.checkpoint_steps,
+        )
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until max_steps, a budget, `stop_at` steps, or a monitor stop; always ends with an
@@ -483,7 +528,11 @@ class Trainer:
             if self.parallel is not None:  # (distributed) statistics of the global batch, experts gathered
                 health = self.parallel.router_health(self.model, self.cfg.monitor.expert_similarity) if log_now else {}
             else:
-                health = router_health(self.model, self.model.router_stats(), self.cfg.monitor.expert_similarity) if log_now else {}
+                health = (
+                    router_health(self.model, self.model.router_stats(), self.cfg.monitor.expert_similarity)
+                    if log_now
+                    else {}
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.parallel is not None:  # (distributed) the update the global load calls for
@@ -531,7 +580,9 @@ class Trainer:
                     continue
             if self.step % cfg.eval_every == 0:
                 val = self._eval_and_log()
-                self.bar.message(f"step {self.step}: validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})")
+                self.bar.message(
+                    f"step {self.step}: validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})"
+                )
             if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step in self.checkpoint_steps:
                 self._checkpoint()
         self.bar.close()
@@ -544,7 +595,11 @@ class Trainer:
         sample = ""
         # (distributed) rank 0 samples when it holds every expert; under expert parallelism a forward
         # needs every rank, so no sample (use `moelab generate` on the checkpoint).
-        if cfg.sample_tokens and self.sampler is not None and (self.parallel is None or (self.is_main and self.parallel.full_model_here)):
+        if (
+            cfg.sample_tokens
+            and self.sampler is not None
+            and (self.parallel is None or (self.is_main and self.parallel.full_model_here))
+        ):
             sample = self.sampler(self.model, self.data.tokenizer, cfg.sample_tokens, cfg.seed)
         result = TrainResult(
             run_dir=str(self.run.path),
