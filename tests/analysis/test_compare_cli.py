@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from moelab.analysis.compare import Budget, dense_twin
+from moelab.analysis.budget import Budget
+from moelab.analysis.compare import dense_twin
 from moelab.analysis.curves import compute_multiplier
 from moelab.cli import main
 from moelab.config import load_config
@@ -178,7 +179,7 @@ def test_compare_bad_input(capsys, tmp_path) -> None:
 def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
     """A branch cooled down from the stable phase must reproduce exactly the run that had the
     smaller budget from the start (same data order, same schedule up to the branch)."""
-    from moelab.analysis.compare import cooldown_curve, cooldown_points
+    from moelab.analysis.runs import cooldown_curve, cooldown_points
     from moelab.rundir import RunDir
     from moelab.train.trainer import Trainer
 

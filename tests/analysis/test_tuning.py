@@ -10,6 +10,8 @@ import random
 import pytest
 
 import moelab.analysis.compare as compare_mod
+import moelab.analysis.runs as runs_mod
+from moelab.analysis.budget import Budget
 from moelab.analysis.compare import compare
 from moelab.analysis.tuning import DEFAULT_LR_FACTORS, TuneSpec, choose, grid_points
 from moelab.config import load_config
@@ -117,8 +119,8 @@ class SyntheticTrainer:
 def synthetic(monkeypatch):
     def install(optima, gap, noise):
         trainer = SyntheticTrainer(optima, gap, noise)
-        monkeypatch.setattr(compare_mod, "train_or_reuse", trainer.train_or_reuse)
-        monkeypatch.setattr(compare_mod, "_run_is_finished", lambda run, cfg: False)
+        monkeypatch.setattr(runs_mod, "train_or_reuse", trainer.train_or_reuse)
+        monkeypatch.setattr(runs_mod, "run_is_finished", lambda run, cfg: False)
         monkeypatch.setattr(compare_mod, "eval_curve", lambda run: trainer.curves[str(run)])
         monkeypatch.setattr(compare_mod, "inference_tokens_per_s", lambda run: 1.0)
         return trainer
@@ -134,7 +136,7 @@ def test_each_arm_runs_its_finals_at_its_own_optimum(tmp_path, synthetic) -> Non
     results = compare(
         [("moe", cfg)],
         tmp_path / "c",
-        compare_mod.Budget("tokens", 16384),
+        Budget("tokens", 16384),
         tune=spec,
         seeds=3,
         log=lambda s: None,
@@ -165,15 +167,13 @@ def test_each_arm_runs_its_finals_at_its_own_optimum(tmp_path, synthetic) -> Non
 def test_a_shared_setting_is_reported_as_untuned_and_an_edge_optimum_warns(tmp_path, synthetic) -> None:
     cfg = load_config(preset="tiny")
     synthetic({"dense": 8e-3, "moe": 8e-3}, gap=0.0, noise=0.0)
-    results = compare(
-        [("moe", cfg)], tmp_path / "u", compare_mod.Budget("tokens", 16384), log=lambda s: None, progress=False
-    )
+    results = compare([("moe", cfg)], tmp_path / "u", Budget("tokens", 16384), log=lambda s: None, progress=False)
     assert any(c.startswith("Untuned") for c in results["caveats"]) and any("One seed" in c for c in results["caveats"])
     spec = TuneSpec.parse(["lr=1e-3,2e-3"], 0.5)
     results = compare(
         [("moe", cfg)],
         tmp_path / "e",
-        compare_mod.Budget("tokens", 16384),
+        Budget("tokens", 16384),
         tune=spec,
         log=lambda s: None,
         progress=False,

@@ -12,13 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
+from moelab.analysis.budget import DEFAULT_EVALS, Budget, apply_budget, default_budget, planned_flops
 from moelab.analysis.campaign import Campaign, PlannedRun
 from moelab.analysis.curves import compute_multiplier
 from moelab.analysis.intervals import (
@@ -27,6 +24,7 @@ from moelab.analysis.intervals import (
     mean_interval,
     multiplier_interval,
 )
+from moelab.analysis.runs import campaign_run, cooldown_curve, cooldown_points, eval_curve, inference_tokens_per_s
 from moelab.analysis.tuning import (
     TuneSpec,
     choose,
@@ -37,38 +35,6 @@ from moelab.analysis.tuning import (
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.files import write_atomic
-from moelab.model import accounting as acc
-from moelab.rundir import RunDir, load_model
-
-DEFAULT_EVALS = 12  # evaluation points per learning curve
-
-
-@dataclass(frozen=True)
-class Budget:
-    kind: str  # tokens | flops | minutes
-    amount: float
-
-    @staticmethod
-    def parse(text: str) -> "Budget":
-        """'tokens=2e6', 'flops=1.5e14' or 'minutes=10'."""
-        kind, _, value = text.partition("=")
-        kind = kind.strip().lower()
-        try:
-            amount = float(value)
-        except ValueError:
-            amount = float("nan")
-        if kind not in ("tokens", "flops", "minutes") or not (amount > 0 and math.isfinite(amount)):
-            raise MoelabError(
-                f"--budget {text!r} is not allowed: tokens=N, flops=N or minutes=N with N > 0 (e.g. tokens=2e6)"
-            )
-        return Budget(kind, amount)
-
-    def describe(self) -> str:
-        return {
-            "tokens": f"{self.amount:.3g} tokens",
-            "flops": f"{self.amount:.3g} training FLOPs",
-            "minutes": f"{self.amount:g} minutes",
-        }[self.kind] + " per model"
 
 
 def _moe_ffn_equivalent(cfg: RunConfig) -> tuple[float, float]:
@@ -105,220 +71,6 @@ def dense_twin(cfg: RunConfig, match: str = "active") -> RunConfig:
     twin.model.moe = None
     twin.model.ffn_hidden = max(1, round(active if match == "active" else total))
     return twin.validate()
-
-
-def _tokens_per_step(cfg: RunConfig) -> int:
-    return cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-
-
-def measure_train_speed(cfg: RunConfig, steps: int = 3) -> float:
-    """Training tokens per second of a config on random tokens (for a minutes budget)."""
-    from moelab.device import resolve_device
-    from moelab.model import Transformer
-    from moelab.train.schedule import build_optimizer
-
-    device = resolve_device(cfg.train.device)
-    mcfg = copy.deepcopy(cfg.model)
-    if mcfg.vocab_size == 0:
-        mcfg.vocab_size = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260
-    model = Transformer(mcfg).to(device)
-    opt = build_optimizer(model, cfg.train)
-    x = torch.randint(0, mcfg.vocab_size, (cfg.train.batch_size, cfg.data.seq_len), device=device)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        out = model(x)
-        loss = (
-            torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, mcfg.vocab_size), x.reshape(-1))
-            + out.aux_loss
-        )
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return cfg.train.batch_size * cfg.data.seq_len / (sorted(times)[len(times) // 2])
-
-
-def apply_budget(
-    cfg: RunConfig,
-    budget: Budget,
-    evals: int = DEFAULT_EVALS,
-    speed: Callable[[RunConfig], float] = measure_train_speed,
-) -> RunConfig:
-    """A copy of `cfg` whose max_steps spends the budget, with evenly spaced evaluations."""
-    cfg = copy.deepcopy(cfg)
-    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
-    per_step = _tokens_per_step(cfg)
-    if budget.kind == "tokens":
-        tokens = budget.amount
-    elif budget.kind == "flops":
-        tokens = budget.amount / acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
-    else:
-        # NOTE: evaluation takes time too; aim the schedule at 90% of the minutes and let
-        # max_minutes stop the run if the machine is slower than measured.
-        tokens = 0.9 * budget.amount * 60 * speed(cfg)
-        cfg.train.max_minutes = budget.amount
-    cfg.train.max_steps = max(1, int(tokens // per_step))
-    cfg.train.max_tokens = 0
-    cfg.train.eval_every = max(1, cfg.train.max_steps // evals)
-    cfg.train.checkpoint_every = max(cfg.train.eval_every, cfg.train.max_steps // 4)
-    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, cfg.train.max_steps // 10))
-    cfg.train.sample_tokens = 0
-    return cfg.validate()
-
-
-# Budgets (as fractions of the full one) at which a WSD run is cooled down from its stable phase.
-COOLDOWN_FRACTIONS = (0.5, 0.625, 0.75, 0.875)
-
-
-def cooldown_points(cfg: RunConfig, fractions: tuple[float, ...] = COOLDOWN_FRACTIONS) -> list[tuple[int, int]]:
-    """(budget steps, branch step) for each shorter budget: a WSD run with budget N_b decays over its
-    last decay_fraction, so it equals the full run until step N_b - decay and can branch from there."""
-    N, decay = cfg.train.max_steps, cfg.train.decay_fraction
-    points = []
-    for f in fractions:
-        budget = max(2, round(N * f))
-        start = budget - max(1, round(decay * budget))
-        if cfg.train.warmup_steps < start < budget < N:
-            points.append((budget, start))
-    return points
-
-
-def cooldown_curve(
-    name: str, cfg: RunConfig, run: Path, out: Path, log: Callable[[str], None], progress: bool
-) -> list[tuple[float, float]]:
-    """The loss a WSD run would have reached with smaller budgets: for each budget, resume the
-    stable-phase checkpoint in a branch run whose schedule ends (decays) at that budget.
-    Returns (training FLOPs, final validation loss) per budget, the full run's own final included."""
-    import shutil
-
-    from moelab.train.trainer import Trainer
-
-    curve = []
-    for budget, start in cooldown_points(cfg):
-        branch = out / f"{name}-cooldown-{budget}"
-        rd = RunDir(branch)
-        summary = rd.read_summary()
-        if summary is None or summary.get("step") != budget:
-            if branch.exists():
-                shutil.rmtree(branch)
-            source = RunDir(run).path / "checkpoints" / f"step_{start:07d}"
-            if not source.is_dir():
-                raise MoelabError(f"{run} has no checkpoint at step {start} to cool down from; rerun the comparison")
-            branch_cfg = copy.deepcopy(RunDir(run).load_config())
-            branch_cfg.train.max_steps = budget
-            branch.mkdir(parents=True)
-            write_atomic(branch / "config.toml", branch_cfg.to_toml())
-            for f in ("tokenizer.json", "data.json"):
-                shutil.copyfile(RunDir(run).path / f, branch / f)
-            rows = [r for r in RunDir(run).read_metrics() if r.get("step", 0) <= start]
-            write_atomic(branch / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            shutil.copytree(source, branch / "checkpoints" / source.name, copy_function=_link_or_copy)
-            log(f"[{name}] cooling down from step {start} to a budget of {budget} steps")
-            Trainer(branch_cfg, branch, resume=True, log=log, progress=progress).fit()
-            summary = rd.read_summary()
-        curve.append((summary["flops"], summary["val_loss"]))
-    final = RunDir(run).read_summary()
-    curve.append((final["flops"], final["val_loss"]))
-    return curve
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    """Checkpoint files are never modified in place, so a branch can share them by hard link."""
-    import os
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-@torch.no_grad()
-def inference_tokens_per_s(run: Path, tokens: int = 64, repeats: int = 3) -> float:
-    """Decode speed at batch 1 with a KV cache (greedy), median of a few repeats."""
-    from moelab.model import KVCache
-
-    loaded = load_model(run, "cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model
-    device = next(model.parameters()).device
-    length = min(model.cfg.max_seq_len, tokens + 1)
-    rates = []
-    for _ in range(repeats):
-        cache = KVCache(model.cfg, 1, length, device, next(model.parameters()).dtype)
-        token = torch.tensor([[loaded.tokenizer.eos_id]], device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for position in range(length):
-            logits = model(token, positions_BT=torch.tensor([[position]], device=device), cache=cache).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.append(length / (time.perf_counter() - t0))
-    return sorted(rates)[len(rates) // 2]
-
-
-def eval_curve(run: Path) -> tuple[list[float], list[float], list[float]]:
-    """(training FLOPs, training seconds, validation loss) at each evaluation of a run."""
-    rows = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
-    return [r["flops"] for r in rows], [r["train_s"] for r in rows], [r["val_loss"] for r in rows]
-
-
-def _run_is_finished(run: Path, cfg: RunConfig) -> bool:
-    rd = RunDir(run)
-    summary = rd.read_summary()
-    if summary is None or not rd.is_run():
-        return False
-    saved = rd.load_config()
-    saved.model.vocab_size = cfg.model.vocab_size
-    # NOTE: a run the monitor stopped (diverged, collapsed) would stop again: it is finished too.
-    done = summary.get("step") == cfg.train.max_steps or summary.get("stopped_by") == "monitor"
-    return saved.to_dict() == cfg.to_dict() and done
-
-
-def train_or_reuse(
-    name: str,
-    cfg: RunConfig,
-    run: Path,
-    log: Callable[[str], None],
-    progress: bool,
-    checkpoint_steps: frozenset[int] = frozenset(),
-) -> dict[str, Any]:
-    """Train `cfg` into `run` unless an identical finished run is there; resume an interrupted one."""
-    from moelab.train.trainer import Trainer
-
-    rd = RunDir(run)
-    if _run_is_finished(run, cfg):
-        log(f"[{name}] finished already in {run}: reusing it")
-        return rd.read_summary()
-    if rd.is_run() and rd.checkpoints():
-        saved = rd.load_config()
-        saved.model.vocab_size = 0
-        wanted = copy.deepcopy(cfg)
-        wanted.model.vocab_size = 0
-        if saved.to_dict() != wanted.to_dict():
-            raise MoelabError(f"{run} holds a run with another config; remove it or choose another --out")
-        log(f"[{name}] resuming the interrupted run in {run}")
-        trainer = Trainer(saved, run, resume=True, log=log, progress=progress, checkpoint_steps=checkpoint_steps)
-    else:
-        log(f"[{name}] training into {run}")
-        trainer = Trainer(cfg, run, log=log, progress=progress, checkpoint_steps=checkpoint_steps)
-    trainer.fit()
-    return rd.read_summary()
-
-
-def planned_flops(cfg: RunConfig) -> float:
-    """Training FLOPs of a run of `cfg` to its max_steps."""
-    vocab = cfg.model.vocab_size or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 260)
-    return cfg.train.max_steps * _tokens_per_step(cfg) * acc.train_flops_per_token(cfg.model, cfg.data.seq_len, vocab)
-
-
-def default_budget(cfg: RunConfig) -> Budget:
-    """The config's own max_steps, as training FLOPs (so every model of a study spends the same)."""
-    return Budget("flops", planned_flops(cfg))
 
 
 def seed_run_name(arm: str, seed_index: int, seed: int) -> str:
@@ -533,23 +285,6 @@ def compare(
         plots.append(tuning_plot(results["tuning"], out))
     (out / "report.html").write_text(render_compare(results, plots))
     return results
-
-
-def campaign_run(
-    campaign: Campaign,
-    name: str,
-    cfg: RunConfig,
-    run: Path,
-    log,
-    progress: bool,
-    checkpoint_steps: frozenset[int] = frozenset(),
-) -> dict[str, Any]:
-    """train_or_reuse, counted in the study's progress (run i of n, ETA)."""
-    campaign.start(name)
-    trained = not _run_is_finished(run, cfg)
-    summary = train_or_reuse(name, cfg, run, log, progress, checkpoint_steps)
-    campaign.finish(name, trained)
-    return summary
 
 
 def _model_entry(

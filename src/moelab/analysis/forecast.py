@@ -10,14 +10,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from moelab.analysis.budget import Budget, apply_budget, planned_flops
 from moelab.analysis.campaign import Campaign, PlannedRun
-from moelab.analysis.compare import (
-    Budget,
-    apply_budget,
-    campaign_run,
-    dense_twin,
-    planned_flops,
-)
+from moelab.analysis.compare import dense_twin
+from moelab.analysis.runs import campaign_run
 from moelab.analysis.scaling import Point, backtest, bootstrap, fit_law, forecast
 from moelab.config import RunConfig
 from moelab.errors import MoelabError

@@ -14,17 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from moelab.analysis.budget import Budget, apply_budget, default_budget, planned_flops
 from moelab.analysis.campaign import Campaign, PlannedRun
-from moelab.analysis.compare import (
-    Budget,
-    apply_budget,
-    campaign_run,
-    default_budget,
-    describe_architecture,
-    inference_tokens_per_s,
-    planned_flops,
-)
+from moelab.analysis.compare import describe_architecture
 from moelab.analysis.curves import pareto_front
+from moelab.analysis.runs import campaign_run, inference_tokens_per_s
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.files import write_atomic

@@ -39,7 +39,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     and reports the loss gap and multiplier with 95% intervals, and a verdict that follows them.
     plan.json lists every run; interrupted comparisons resume: finished runs are reused. Writes
     compare.json, PNG plots and report.html."""
-    from moelab.analysis.compare import Budget, compare
+    from moelab.analysis.budget import Budget
+    from moelab.analysis.compare import compare
     from moelab.analysis.render import compare_text
     from moelab.analysis.tuning import TuneSpec
     from moelab.cli.common import config_overrides, log_err
@@ -82,7 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     each point under the same budget, and plot validation loss against total parameters, memory,
     training and inference throughput with the Pareto frontier marked. Finished points are reused
     when the sweep is run again. Writes sweep.json, PNG plots and report.html."""
-    from moelab.analysis.compare import Budget
+    from moelab.analysis.budget import Budget
     from moelab.analysis.render import sweep_text
     from moelab.analysis.sweep import parse_int_list, sweep
     from moelab.cli.common import log_err, resolve_config
