@@ -372,24 +372,27 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, str]]:
             out[name] = _single_seed_verdict(name, r, base, mult)
             continue
         n = gap.n
-        gap_text = f"{gap.mean:+.4f} nats (95% interval [{gap.lo:+.4f}, {gap.hi:+.4f}], paired over {n} seeds)"
+        interval_text = f"95% interval [{gap.lo:+.4f}, {gap.hi:+.4f}], paired over {n} seeds"
         mult_text = "" if mult_iv is None else f"compute multiplier {mult_iv.text('{:.2f}')}"
         if verdict == "wins":
             text = (
-                f"{name} WINS: its final validation loss is below the dense model's by {gap_text}; "
+                f"{name} WINS: its final validation loss is {-gap.mean:.4f} nats below the dense model's "
+                f"(gap MoE - dense {gap.mean:+.4f}, {interval_text}); "
                 f"{mult_text}: it reached the dense model's final loss with {mult:.0%} of the dense training FLOPs."
             )
             kind = "good"
         elif verdict == "loses":
             text = (
-                f"{name} LOSES to the dense model: its final validation loss is above the dense model's by {gap_text}. "
+                f"{name} LOSES to the dense model: its final validation loss is {gap.mean:.4f} nats above the dense model's "
+                f"(gap MoE - dense {gap.mean:+.4f}, {interval_text}). "
                 f"At this budget, sparsity did not pay off."
             )
             kind = "bad"
         else:
             text = (
-                f"This budget cannot tell {name} and the dense model apart: the final-loss gap (MoE - dense) is {gap_text}, "
-                f"an interval that contains 0. More seeds or a larger budget are needed for a verdict."
+                f"This budget cannot tell {name} and the dense model apart: the final-loss gap (MoE - dense) is "
+                f"{gap.mean:+.4f} nats with a 95% interval [{gap.lo:+.4f}, {gap.hi:+.4f}] (paired over {n} seeds) that contains 0. "
+                "More seeds or a larger budget are needed for a verdict."
             )
             kind = "warn"
         out[name] = {"text": text, "kind": kind}
