@@ -31,10 +31,8 @@ def _set_threads(threads: int) -> None:
     """--threads: torch's intra-op threads for this process (the engine thread inherits them).
 
     NOTE: the default is 1. Decoding runs many small operations on the engine's worker thread,
-    where each multi-threaded one pays for waking the OpenMP team: measured on a 2-core CPU with
-    the default small-moe, the engine generated 197 tokens/s at one client with 1 thread and 84 with
-    2 (its dense twin 215 and 169), and 789 vs 367 at 16 clients (benchmarks/serve.py --threads).
-    Large models on many cores want more: --threads 0 keeps torch's default."""
+    where each multi-threaded one pays for waking the OpenMP team (measured with
+    benchmarks/serve.py --threads: docs/architecture.md, Measured choices). Large models on many cores want more: --threads 0 keeps torch's default."""
     import torch
 
     if threads < 0:

@@ -44,7 +44,8 @@ def plan_token_choice(
     # NOTE: rank-major order (all first choices, then all second choices) so that a stable sort by
     # expert gives exactly the GShard priority order within each expert.
     expert_of_slot = expert_index_TK.t().reshape(-1)  # [k*T], slot s = rank * T + token
-    # NOTE: sort(...).indices, not argsort(stable=True): the same order, measured ~30x faster on CPU.
+    # NOTE: sort(...).indices, not argsort(stable=True): the same order, far faster on CPU
+    # (measured: docs/architecture.md, Measured choices).
     order = torch.sort(expert_of_slot, stable=True).indices  # [k*T] slots grouped by expert
     tokens_per_expert = torch.bincount(expert_of_slot, minlength=num_experts)  # [E]
     dropped = tokens_per_expert.new_zeros(())
@@ -202,9 +203,8 @@ def experts_swiglu_one_token(
     per projection, and the k outputs accumulate in fp32.
 
     NOTE: a loop over the k chosen experts, never over all E. Gathering their weights first
-    (`experts_swiglu_gathered`) writes and re-reads a copy of them: measured on CPU at a Mixtral-like
-    shape (D = 512, I = 1024, E = 8, k = 2), decode ran at 0.57x its dense twin that way, the copies
-    costing more than the matmuls. The expert ids and weights come to the host with `.tolist()`:
+    (`experts_swiglu_gathered`) writes and re-reads a copy of them, which at large experts costs more
+    than the matmuls (measured: docs/architecture.md, Measured choices). The expert ids and weights come to the host with `.tolist()`:
     free on the CPU, a device sync on accelerators (hence CPU only), and no gradient (hence
     inference only)."""
     out_dtype = dtype = x_1D.dtype

@@ -11,8 +11,8 @@ def swiglu_product(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | 
     """silu(gate) * up (* weight): the hidden activation of a SwiGLU, dense FFN and experts alike.
 
     NOTE: with autograd off (inference, evaluation) the products are taken in place on the silu
-    output, one buffer instead of two or three: measured 2x faster for this step on CPU at the
-    fine-grained MoE benchmark shape (27 vs 55 ms). With autograd on, the plain expression keeps
+    output, one buffer instead of two or three (measured: docs/architecture.md, Measured choices).
+    With autograd on, the plain expression keeps
     the tensors the backward needs."""
     if torch.is_grad_enabled():
         hidden = F.silu(gate) * up

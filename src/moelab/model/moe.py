@@ -195,7 +195,7 @@ class FusedBinding:
             container,
             key,
             obj,
-        ) in self.links:  # NOTE: plain loops; all() over a generator measured 2% of the decode step
+        ) in self.links:  # NOTE: plain loops; all() over a generator cost a visible share of the decode step
             if container.get(key) is not obj:
                 return False
         for tensor, address in self.addresses:
@@ -205,7 +205,7 @@ class FusedBinding:
 
 
 def _any_autocast() -> bool:
-    # NOTE: one flag for every device, 2x cheaper than torch.is_autocast_enabled("cpu"); falls back
+    # NOTE: one flag for every device, cheaper than torch.is_autocast_enabled("cpu"); falls back
     # to the public call where a torch build lacks the private one.
     is_any = getattr(torch._C, "_is_any_autocast_enabled", None)
     return is_any() if is_any is not None else torch.is_autocast_enabled("cpu")
@@ -240,15 +240,11 @@ class MoE(nn.Module):
         self._fused: FusedBinding | None = None  # the fused decode kernel bound to this layer's weights
         # Eval forwards routing at most this many token-slots take a few-token path (_expert_path).
         # NOTE: gathering copies one weight set per slot while the grouped path visits every expert,
-        # so the break-even grows with E. Measured per layer on CPU (D=128): E=64 k=6 at 16 tokens (96 slots), gathered 1.3 ms
-        # vs grouped 2.2 ms; E=8 k=2 at 1 token, 0.27 vs 0.41 ms (at 4 tokens, 0.73 vs 0.65).
+        # so the break-even grows with E (measured: docs/architecture.md, Measured choices).
         self.decode_slots = max(16, 3 * cfg.num_experts // 2)
         # Eval forwards of at most this many tokens may take the fused C kernel (_fused_forward).
         # NOTE: it groups slots by expert but multiplies with plain vector code on one thread, so
-        # at larger T the grouped path's oneDNN GEMMs win. Measured per layer on CPU, 1 thread,
-        # kernel vs the PyTorch path at 64 / 128 / 256 tokens: small-moe 0.51 / 0.89 / 1.90 ms vs
-        # 1.16 / 1.46 / 2.00; small-moe-coarse 0.36 / 0.63 / 1.21 vs 0.70 / 0.89 / 1.23;
-        # D=512 E=8 I=1024 5.0 / 8.4 / 15.3 vs 8.4 / 9.0 / 11.8.
+        # at larger T the grouped path's oneDNN GEMMs win (measured: docs/architecture.md, Measured choices).
         self.native_max_tokens = 128
         self.expert_numel = 3 * cfg.expert_hidden * d_model  # weights of one routed expert
         # NOTE (distributed): data / expert parallelism (moelab.distributed) sets this to a function
@@ -318,9 +314,7 @@ class MoE(nn.Module):
         if T == 1 and not torch.is_grad_enabled():
             return "one_token"
         # NOTE (CPU): gathering copies the chosen experts' weights; for large experts the copy costs
-        # more than visiting every group of the grouped path. Measured at one token, whole-model decode:
-        # 3*I*D = 24.6K elements (small-moe) gathered 1.72 vs grouped 2.37 ms; 98K (small-moe-coarse)
-        # 1.74 vs 1.77; 1.57M (D=512, I=1024, E=8) 19.8 vs 14.0 ms.
+        # more than visiting every group of the grouped path (measured: docs/architecture.md, Measured choices).
         return "gathered" if self.expert_numel <= _CPU_GATHER_MAX_NUMEL else "grouped"
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -348,9 +342,8 @@ class MoE(nn.Module):
             return None
         if self.expert_numel > _CPU_GATHER_MAX_NUMEL and torch.get_num_threads() > 1:
             # NOTE: the kernel runs on one thread. Large experts are bandwidth-bound and PyTorch
-            # splits their products over its threads: at D=512, I=1024 with 2 threads the torch
-            # path took 0.42 vs 0.45 ms at one token, 1.7 vs 2.3 at 16; small experts gain nothing
-            # from threads (small-moe, 2 threads: kernel 0.05 vs 0.24 ms at one token).
+            # splits their products over its threads; small experts gain nothing from threads
+            # (measured: docs/architecture.md, Measured choices).
             return None
         binding = self._fused
         if binding is None or not binding.holds():
