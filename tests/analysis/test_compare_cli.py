@@ -268,7 +268,8 @@ def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> No
         assert losses[best] == min(losses.values())
     assert len(results["models"]["tiny"]["loss_gap_seeds"]) == 2
     # interrupt: the last final run disappears, as if killed before it started
-    shutil.rmtree(out / "runs" / "tiny-seed1")
+    (last,) = out.glob("runs/tiny-lr*-seed1")  # final runs are named by the arm's tuned settings
+    shutil.rmtree(last)
     (out / "compare.json").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/summary.json")}
     assert len(stamps) == 7
@@ -278,6 +279,16 @@ def test_tuned_seeded_compare_resumes_without_retraining(tmp_path, capsys) -> No
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/summary.json") if p in stamps} == stamps
     again = json.loads((out / "compare.json").read_text())
     assert again["models"]["tiny"]["loss_gap_seeds"] == results["models"]["tiny"]["loss_gap_seeds"]
+    # a wider grid trains only its new points; finals at a newly chosen point go beside the old ones
+    wider = [a if a != "lr=2e-3,4e-3" else "lr=1e-3,2e-3,4e-3" for a in argv]
+    assert main(wider) == 0
+    err = capsys.readouterr().err
+    assert "training into" in err and err.count("tune/dense-lr0.001] training into") == 1
+    assert "tune/dense-lr0.002] finished already" in err and "tune/tiny-lr0.004] finished already" in err
+    widened = json.loads((out / "compare.json").read_text())
+    for arm in ("dense", "tiny"):
+        losses = {p["settings"]["lr"]: p["val_loss"] for p in widened["tuning"][arm]["points"]}
+        assert len(losses) == 3 and widened["models"][arm]["settings"]["lr"] == min(losses, key=losses.get)
 
 
 @pytest.mark.parametrize(

@@ -73,9 +73,12 @@ def dense_twin(cfg: RunConfig, match: str = "active") -> RunConfig:
     return twin.validate()
 
 
-def seed_run_name(arm: str, seed_index: int, seed: int) -> str:
-    """The first seed's run keeps the arm's name, so a comparison rerun with more seeds reuses it."""
-    return arm if seed_index == 0 else f"{arm}-seed{seed}"
+def seed_run_name(arm: str, seed_index: int, seed: int, settings: dict[str, float] | None = None) -> str:
+    """A final run's directory name: the arm, its tuned settings (so that a rerun whose wider grid
+    chooses another point trains new runs beside the old ones), and the seed after the first (so that
+    a rerun with more seeds reuses the runs it has)."""
+    base = f"{arm}-{point_label(settings)}" if settings else arm
+    return base if seed_index == 0 else f"{base}-seed{seed}"
 
 
 def with_seed(cfg: RunConfig, seed: int) -> RunConfig:
@@ -173,7 +176,8 @@ def compare(
                         "stage": "final",
                         "arm": arm,
                         "seed": seed_list[i],
-                        "path": str(out / "runs" / run),
+                        "path": str(out / "runs" / run)
+                        + (" + the best tuning point's settings (e.g. -lr0.003)" if tune is not None else ""),
                         "settings": "the arm's best tuning point" if tune is not None else "the arm's config (untuned)",
                     }
                     for arm, i, run in finals
@@ -234,11 +238,12 @@ def compare(
         per_seed[name] = []
         for i, seed in enumerate(seed_list):
             run_cfg = with_seed(final_cfg, seed)
-            run_name = seed_run_name(name, i, seed)
+            display = seed_run_name(name, i, seed)  # as in plan.json and the progress lines
+            run_name = seed_run_name(name, i, seed, chosen.get(name))
             run = out / "runs" / run_name
             wsd_branches = cooldowns and run_cfg.train.schedule == "wsd" and run_cfg.model.moe is not None
             branch_steps = frozenset(start for _, start in cooldown_points(run_cfg)) if wsd_branches else frozenset()
-            summary = campaign_run(campaign, run_name, run_cfg, run, log, progress, branch_steps)
+            summary = campaign_run(campaign, display, run_cfg, run, log, progress, branch_steps)
             flops, seconds, losses = eval_curve(run)
             entry = {
                 "seed": seed,
