@@ -219,6 +219,7 @@ def test_wsd_cooldown_branch_equals_a_run_with_that_budget(tmp_path) -> None:
         (["--tune", "--tune-fraction", "0"], "--tune-fraction 0"),
         (["--tune", "--tune-fraction", "1.5"], "--tune-fraction 1.5"),
         (["--tune-fraction", "0.5"], "needs --tune"),
+        (["--tune-fraction", "0.25"], "needs --tune"),  # the default's value, given without --tune
         (["--tune", "decay=0.1,0.2"], "wsd"),
     ],
 )

@@ -211,7 +211,8 @@ def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
 def token_axis_trend(points: Sequence[Point]) -> list[tuple[float, float, float, float, float]]:
     """The measured MoE advantage (dense - MoE loss) at the fewest and the most tokens of each
     size that has both: (N, D_min, advantage at D_min, D_max, advantage at D_max). Dense and MoE
-    points pair by label ('dense-...' / 'moe-...') or, without labels, by (D, rank of N)."""
+    points pair by label ('dense-wW-tT' / 'moe-wW-tT', as the ladder names them) and D; points
+    without such labels pair by N to three significant figures and D."""
     by_key: dict[tuple[str, float], dict[str, Point]] = {}
     for p in points:
         kind = "dense" if p.E == 1 else "moe"
@@ -265,13 +266,14 @@ def forecast(
             f"uncertain sign: the {LEVEL:.0%} interval of the MoE advantage ({lo:+.3f}, {hi:+.3f}) includes zero"
         )
     # NOTE: a shrink smaller than a tenth of the advantage (or 0.005 nats) is within run-to-run noise.
-    shrinking = [t for t in token_axis_trend(points) if t[2] - t[4] > max(0.1 * abs(t[2]), 0.005)]
+    by_size = token_axis_trend(points)
+    shrinking = [t for t in by_size if t[2] - t[4] > max(0.1 * abs(t[2]), 0.005)]
     if shrinking:
         pairs = "; ".join(
             f"N={n:.3g}: {a0:+.3f} at {d0:.3g} tokens -> {a1:+.3f} at {d1:.3g}" for n, d0, a0, d1, a1 in shrinking
         )
         warnings.append(
-            f"the measured MoE advantage shrinks with training tokens at {len(shrinking)} of {len(token_axis_trend(points))} sizes ({pairs}): "
+            f"the measured MoE advantage shrinks with training tokens at {len(shrinking)} of {len(by_size)} sizes ({pairs}): "
             "small MoE runs lead early and lose ground late, so a longer run may end with less advantage than the ladder shows; "
             "add longer (or cooled-down) rungs and check the backtest"
         )

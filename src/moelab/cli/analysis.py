@@ -46,9 +46,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from moelab.cli.common import config_overrides, log_err
     from moelab.config import load_config
 
-    tune = TuneSpec.parse(args.tune, args.tune_fraction) if args.tune is not None else None
-    if args.tune is None and args.tune_fraction != TUNE_FRACTION_DEFAULT:
-        raise MoelabError(f"--tune-fraction {args.tune_fraction} needs --tune")
+    if args.tune is None and args.tune_fraction is not None:
+        raise MoelabError(f"--tune-fraction {args.tune_fraction:g} needs --tune")
+    fraction = TUNE_FRACTION_DEFAULT if args.tune_fraction is None else args.tune_fraction
+    tune = TuneSpec.parse(args.tune, fraction) if args.tune is not None else None
     if args.seeds < 1:
         raise MoelabError(f"--seeds {args.seeds} is not allowed: the number of seeds per model, an integer >= 1")
     if args.evals < 1:
@@ -175,8 +176,8 @@ def register(sub, command) -> None:
     p.add_argument(
         "--tune-fraction",
         type=float,
-        default=TUNE_FRACTION_DEFAULT,
-        help="share of each model's budget one tuning run spends, in (0, 1] (default 0.25)",
+        default=None,
+        help=f"share of each model's budget one tuning run spends, in (0, 1] (default {TUNE_FRACTION_DEFAULT:g})",
     )
     p.add_argument(
         "--seeds",
