@@ -160,6 +160,9 @@ def test_each_arm_runs_its_finals_at_its_own_optimum(tmp_path, synthetic) -> Non
     assert saved["models"]["moe"]["verdict"] == "wins"
     plan = json.loads((tmp_path / "c" / "plan.json").read_text())
     assert len(plan["runs"]) == 16 and plan["seeds"] == [0, 1, 2]
+    # once tuned, plan.json names each final run's directory by its arm's chosen settings
+    finals = {(r["arm"], r["seed"]): r["path"] for r in plan["runs"] if r["stage"] == "final"}
+    assert finals[("dense", 0)].endswith("runs/dense-lr0.008") and finals[("moe", 2)].endswith("runs/moe-lr0.002-seed2")
     html = (tmp_path / "c" / "report.html").read_text()
     assert "Tuning" in html and html.count("data:image/png;base64,") == 3
 

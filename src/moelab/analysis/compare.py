@@ -150,42 +150,45 @@ def compare(
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(
-        out / "plan.json",
-        json.dumps(
+
+    def write_plan(chosen: dict[str, dict[str, float]]) -> None:
+        """plan.json: every run; a tuned arm's final runs get their paths once its tuning has chosen."""
+        finals_plan = []
+        for arm, i, run in finals:
+            known = tune is None or arm in chosen
+            path = out / "runs" / seed_run_name(arm, i, seed_list[i], chosen.get(arm))
+            finals_plan.append(
+                {
+                    "name": run,
+                    "stage": "final",
+                    "arm": arm,
+                    "seed": seed_list[i],
+                    "settings": chosen.get(arm) if tune is not None else "the arm's config (untuned)",
+                    "path": str(path) if known else None,  # None: chosen by tuning, ARM-<settings>[-seedS]
+                }
+            )
+        tuning_plan = [
             {
-                "budget": budget.__dict__,
-                "match": match,
-                "seeds": seed_list,
-                "tune": tune.to_dict() if tune is not None else None,
-                "models": {n: c.to_dict() for n, c in planned},
-                "runs": [
-                    {
-                        "name": f"tune/{label}",
-                        "stage": "tune",
-                        "arm": arm,
-                        "settings": point,
-                        "path": str(out / "runs" / "tune" / label),
-                        "config": cfg.to_dict(),
-                    }
-                    for arm, point, label, cfg in tuning_runs
-                ]
-                + [
-                    {
-                        "name": run,
-                        "stage": "final",
-                        "arm": arm,
-                        "seed": seed_list[i],
-                        "path": str(out / "runs" / run)
-                        + (" + the best tuning point's settings (e.g. -lr0.003)" if tune is not None else ""),
-                        "settings": "the arm's best tuning point" if tune is not None else "the arm's config (untuned)",
-                    }
-                    for arm, i, run in finals
-                ],
-            },
-            indent=1,
-        ),
-    )
+                "name": f"tune/{label}",
+                "stage": "tune",
+                "arm": arm,
+                "settings": point,
+                "path": str(out / "runs" / "tune" / label),
+                "config": cfg.to_dict(),
+            }
+            for arm, point, label, cfg in tuning_runs
+        ]
+        plan = {
+            "budget": budget.__dict__,
+            "match": match,
+            "seeds": seed_list,
+            "tune": tune.to_dict() if tune is not None else None,
+            "models": {n: c.to_dict() for n, c in planned},
+            "runs": tuning_plan + finals_plan,
+        }
+        write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+
+    write_plan({})
 
     results: dict[str, Any] = {
         "budget": budget.__dict__,
@@ -220,7 +223,9 @@ def compare(
             "warnings": list(choice.warnings),
         }
         results["caveats"] += list(choice.warnings)
-    if tune is None:
+    if tune is not None:
+        write_plan(chosen)
+    else:
         settings = f"lr {dense.train.lr:g}, batch {dense.train.batch_size}, schedule {dense.train.schedule}"
         results["caveats"].append(
             f"Untuned: every model trained with the same settings ({settings}); a comparison is only as good as its "
