@@ -54,7 +54,7 @@ def build(name: str, c: dict) -> torch.nn.Module | None:
         return init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
     if name == "moelab-padded":
         m = init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
-        m.impl = "padded"
+        m.experts.matmul = "padded"
         return m
     try:
         from transformers import MixtralConfig, OlmoeConfig

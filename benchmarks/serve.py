@@ -50,6 +50,8 @@ from moelab.config import load_config  # noqa: E402
 from moelab.data.tokenizer import TextTokenizer, train_bpe  # noqa: E402
 from moelab.errors import ConfigError  # noqa: E402
 from moelab.infer.engine import Chunk, Engine, EngineConfig, Failed, Request  # noqa: E402
+from moelab.infer.few_token import route_few_tokens  # noqa: E402
+from moelab.infer.moe_layer import prepare_for_inference  # noqa: E402
 from moelab.infer.sampling import SamplingParams  # noqa: E402
 from moelab.model import (  # noqa: E402
     KVCache,
@@ -96,7 +98,7 @@ def build_models(vocab: int, device: str, cfg=None) -> dict[str, Transformer]:
         torch.manual_seed(i)
         mcfg = copy.deepcopy(c.model)
         mcfg.vocab_size = vocab
-        models[name] = Transformer(mcfg).to(device).eval()
+        models[name] = prepare_for_inference(Transformer(mcfg).to(device))  # as the engine serves it
     return models
 
 
@@ -233,7 +235,7 @@ def decode_step_s(model: Transformer, context: int, steps: int) -> float:
 
 @torch.inference_mode()
 def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer, repeats: int = 300) -> dict:
-    """At one token, caches warm: the MoE layer as decoding runs it (the fused kernel on the CPU)
+    """At one token, caches warm: the MoE layer as decoding runs it (the moe_decode kernel on the CPU)
     and on its PyTorch path, against the dense FFN of the same active compute; the PyTorch
     router; and the grouped matmul with all E groups (E - k of them empty) against the same
     matmul over only the k chosen experts."""
@@ -260,12 +262,12 @@ def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer,
         return statistics.median(best)
 
     torch_path = copy.deepcopy(moe)
-    torch_path.native = False
+    torch_path.use_moe_decode = False
     result = {
         "moe_layer_us": timed(lambda: moe(x_1D[None])) * 1e6,
         "moe_layer_pytorch_path_us": timed(lambda: torch_path(x_1D[None])) * 1e6,
         "dense_ffn_us": timed(lambda: dense(x_1D[None])) * 1e6,
-        "router_us": timed(lambda: moe.router(x_1D, need_plan=False)) * 1e6,  # as the PyTorch decode path routes
+        "router_us": timed(lambda: route_few_tokens(moe.router, x_1D)) * 1e6,  # as the PyTorch decode path routes
         "grouped_mm_all_groups_us": timed(lambda: torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=all_offsets))
         * 1e6,
         "grouped_mm_chosen_groups_us": timed(

@@ -28,7 +28,7 @@ def test_moe_on_cuda_matches_float64_reference(kwargs) -> None:
     x = fresh_tokens(moe, 96, 64, torch.Generator().manual_seed(1))
     ref, _, _, _ = moe_reference(copy.deepcopy(moe).double(), x.double())
     gpu = copy.deepcopy(moe).cuda()
-    gpu.impl = "auto"  # fp32 on CUDA: the padded bmm path
+    assert gpu.experts.matmul == "auto"  # fp32 on CUDA: the padded bmm path
     y, _ = gpu(x.cuda()[None])
     torch.testing.assert_close(y[0].double().cpu(), ref, atol=5e-4, rtol=1e-3)  # TF32-tolerant
 
@@ -55,8 +55,10 @@ def test_kv_cache_decoding_on_cuda() -> None:
         max_seq_len=48,
         moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
     )
+    from moelab.infer.moe_layer import prepare_for_inference
+
     torch.manual_seed(0)
-    model = Transformer(cfg).cuda().eval()
+    model = prepare_for_inference(Transformer(cfg).cuda())  # decode steps take the gathered few-token path
     tokens = torch.randint(0, 97, (2, 20), device="cuda")
     with torch.no_grad():
         full = model(tokens).logits

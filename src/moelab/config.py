@@ -34,7 +34,7 @@ QK_NORM_CHOICES = ("none", "head", "full")
 class MoEConfig:
     """The mixture-of-experts feed-forward. Present on ModelConfig.moe means the model is sparse.
 
-    Frozen: an MoE layer is built from it and keeps it (its fused decode kernel is bound to these
+    Frozen: an MoE layer is built from it and keeps it (its moe_decode kernel binding is keyed on these
     settings); derive a changed copy with dataclasses.replace."""
 
     num_experts: int = 8  # E, routed experts per MoE layer

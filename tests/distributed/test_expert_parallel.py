@@ -143,7 +143,7 @@ def _layer_worker(rank: int, world: int) -> dict:
         ref = copy.deepcopy(full)
         ep = copy.deepcopy(full)
         for m in (ref, ep):
-            m.impl = impl
+            m.experts.matmul = impl
             m.train()
         shard_experts(ep, shard=rank, group=group, group_size=world)
         dp.install_global_balancing(ep, group)

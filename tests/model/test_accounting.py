@@ -108,7 +108,7 @@ def test_moe_forward_flops_equal_counter_with_padded_experts() -> None:
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=16, moe=moe)
     model = Transformer(cfg)
     for layer in model.moe_layers():
-        layer.impl = "padded"
+        layer.experts.matmul = "padded"
     T = 16
     # the math backend decomposes attention into matmuls the counter sees
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):

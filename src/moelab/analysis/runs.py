@@ -89,10 +89,11 @@ def _link_or_copy(src: str, dst: str) -> str:
 @torch.no_grad()
 def inference_tokens_per_s(run: Path, tokens: int = 64, repeats: int = 3) -> float:
     """Decode speed at batch 1 with a KV cache (greedy), median of a few repeats."""
+    from moelab.infer.moe_layer import prepare_for_inference
     from moelab.model import KVCache
 
     loaded = load_model(run, "cuda" if torch.cuda.is_available() else "cpu")
-    model = loaded.model
+    model = prepare_for_inference(loaded.model)  # the layer serving runs
     device = next(model.parameters()).device
     length = min(model.cfg.max_seq_len, tokens + 1)
     rates = []

@@ -128,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a trained run, streamed to the terminal as it is produced."""
     from moelab.device import resolve_device
     from moelab.infer.generate import generate
+    from moelab.infer.moe_layer import prepare_for_inference
     from moelab.rundir import load_model
 
     params = sampling_params(args)
@@ -146,7 +147,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, params, seed=args.seed, on_text=emit)
+    generate(
+        prepare_for_inference(loaded.model),
+        loaded.tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        params,
+        seed=args.seed,
+        on_text=emit,
+    )
     sys.stdout.write("\n")
     return 0
 

@@ -119,6 +119,7 @@ class ExpertParallelExperts(nn.Module):
         shard: int,
         group,
         group_size: int,
+        matmul: str = "auto",
     ):
         super().__init__()
         if num_experts != gate_up_El2ID.shape[0] * group_size:
@@ -131,6 +132,7 @@ class ExpertParallelExperts(nn.Module):
         self.group = group
         self.group_size = group_size
         self.meter: CommMeter | None = None  # set by benchmarks
+        self.matmul = matmul  # grouped matmul implementation, as moelab.model.moe.Experts.matmul
         self.gate_up_proj = nn.Parameter(gate_up_El2ID)  # [El, 2I, D]
         self.down_proj = nn.Parameter(down_ElDI)  # [El, D, I]
 
@@ -147,12 +149,13 @@ class ExpertParallelExperts(nn.Module):
             shard=shard,
             group=group,
             group_size=group_size,
+            matmul=full.matmul,
         )
 
     def extra_repr(self) -> str:
         return f"experts {self.shard * self.num_local}..{(self.shard + 1) * self.num_local - 1} of {self.num_experts} (rank {self.shard} of {self.group_size})"
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "auto") -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         T, D = x_TD.shape
         P, El = self.group_size, self.num_local
         compute_dtype = x_TD.dtype
@@ -181,9 +184,11 @@ class ExpertParallelExperts(nn.Module):
         order_R = torch.sort(local_expert_R, stable=True).indices
         tokens_per_local_El = recv_PEl.sum(0)
         x_grouped_RD = x_RD.index_select(0, order_R)
-        gate_up_R2I = grouped_mm(x_grouped_RD, self.gate_up_proj.to(compute_dtype), tokens_per_local_El, impl)
+        gate_up_R2I = grouped_mm(x_grouped_RD, self.gate_up_proj.to(compute_dtype), tokens_per_local_El, self.matmul)
         gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
-        y_grouped_RD = grouped_mm(F.silu(gate_RI) * up_RI, self.down_proj.to(compute_dtype), tokens_per_local_El, impl)
+        y_grouped_RD = grouped_mm(
+            F.silu(gate_RI) * up_RI, self.down_proj.to(compute_dtype), tokens_per_local_El, self.matmul
+        )
         undo_R = torch.empty_like(order_R)
         undo_R[order_R] = torch.arange(R, device=order_R.device)
         y_RD = y_grouped_RD.index_select(0, undo_R)  # back to the order the rows arrived in

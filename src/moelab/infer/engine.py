@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from moelab.data.tokenizer import TextTokenizer
+from moelab.infer.moe_layer import prepare_for_inference
 from moelab.infer.sampling import (
     SEED_MODULUS,
     SamplingParams,
@@ -196,7 +197,9 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: TextTokenizer, config: EngineConfig = EngineConfig()):
         config.validate()
-        self.model = model.eval()  # NOTE: train mode would add router losses and statistics
+        # NOTE: eval mode (train mode would add router losses and statistics), and each MoE layer
+        # swapped in place for its inference form over the same weights (moelab.infer.moe_layer).
+        self.model = prepare_for_inference(model)
         self.tokenizer = tokenizer
         self.config = config
         self.context = model.cfg.max_seq_len

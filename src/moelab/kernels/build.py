@@ -6,7 +6,8 @@ flags (it is built with -march=native, so a cache shared between different machi
 one a library with instructions it lacks). It is compiled to a temporary file and renamed into
 place, so concurrent first uses never load a half-written library.
 
-Without a C compiler, or with MOELAB_NATIVE=0, `load` returns None and callers take their PyTorch
+Without a C compiler, or with the kernel's switch off (MOELAB_<NAME>=0, e.g. MOELAB_MOE_DECODE=0),
+`load` returns None and callers take their PyTorch
 path: the kernels are an optimisation, never a requirement.
 """
 
@@ -29,7 +30,6 @@ SOURCE_DIR = Path(__file__).resolve().parent
 # the order their comments give. -ffp-contract=fast allows fused multiply-adds (ISO C mode turns
 # them off); -fno-math-errno only lets expf skip setting errno.
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
-DISABLE_ENV = "MOELAB_NATIVE"
 
 
 class KernelBuildError(RuntimeError):
@@ -103,15 +103,21 @@ def build(name: str, directory: Path | None = None) -> Path:
     return library
 
 
+def switch_env(name: str) -> str:
+    """The environment variable that switches kernel `name` off: moe_decode -> MOELAB_MOE_DECODE."""
+    return "MOELAB_" + name.upper()
+
+
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library, or None when it is switched off (MOELAB_NATIVE=0) or cannot be
+    """The compiled kernel library, or None when it is switched off (MOELAB_<NAME>=0) or cannot be
     built (a warning says why)."""
-    switch = os.environ.get(DISABLE_ENV, "1").strip().lower()
+    env = switch_env(name)
+    switch = os.environ.get(env, "1").strip().lower()
     if switch in ("0", "off", "false", "no"):
         return None
     if switch not in ("1", "on", "true", "yes", ""):
         log.warning(
-            "%s=%r is not one of 0, off, false, no, 1, on, true, yes: native kernels stay on", DISABLE_ENV, switch
+            "%s=%r is not one of 0, off, false, no, 1, on, true, yes: the %s kernel stays on", env, switch, name
         )
     try:
         # NOTE: CDLL releases the GIL for the call, as PyTorch's own operators do, so a server's

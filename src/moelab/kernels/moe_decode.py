@@ -1,12 +1,12 @@
-"""Python side of the fused MoE decode kernel (moe_decode.c): validation, binding, the call.
+"""Python side of the moe_decode kernel (moe_decode.c): validation, binding, the call.
 
 The kernel runs one MoE layer (router, top-k, the k chosen experts, shared experts) for a few fp32
 tokens on the CPU in a single call. It reads the weights where they lie (no copy) and the GIL is
 released while it runs (ctypes does that), so a server's other threads keep going.
 
 `bind` checks a layer's weights once (dtype, device, contiguity, consistent shapes: the kernel
-trusts them) and returns a `FusedMoEDecode` that holds the tensors and their addresses; a caller
-reuses it for as long as those are the layer's weights (moelab.model.moe.FusedBinding checks that).
+trusts them) and returns a `MoEDecodeKernel` that holds the tensors and their addresses; a caller
+reuses it for as long as those are the layer's weights (moelab.infer.moe_layer.MoEDecodeBinding checks that).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class LayerArgs(ctypes.Structure):
 
 @functools.cache
 def _kernel():
-    # NOTE: one build-and-load per process (MOELAB_NATIVE is read then); the library is immutable once loaded.
+    # NOTE: one build-and-load per process (MOELAB_MOE_DECODE is read then); the library is immutable once loaded.
     lib = build.load("moe_decode")
     if lib is None:
         return None
@@ -58,7 +58,7 @@ def _kernel():
 
 
 def available() -> bool:
-    """Whether the kernel is compiled and loaded (False without a C compiler or with MOELAB_NATIVE=0)."""
+    """Whether the kernel is compiled and loaded (False without a C compiler or with MOELAB_MOE_DECODE=0)."""
     return _kernel() is not None
 
 
@@ -101,10 +101,10 @@ def _shape_error(
     return None
 
 
-class FusedMoEDecode:
+class MoEDecodeKernel:
     """One MoE layer's weights, checked and bound for the kernel: it holds the tensors and the
     addresses they had. Whoever keeps a binding must see that the memory has not moved
-    (`share_memory_()`, a `.data` swap) before calling it; moelab.model.moe.FusedBinding does."""
+    (`share_memory_()`, a `.data` swap) before calling it; moelab.infer.moe_layer.MoEDecodeBinding does."""
 
     def __init__(
         self,
@@ -145,12 +145,12 @@ class FusedMoEDecode:
         out = torch.empty_like(x)
         if not return_routing:  # the decode step: nothing here it does not need
             if self._fn(self._args, T, x.data_ptr(), out.data_ptr(), None, None):
-                raise MemoryError("fused MoE decode kernel could not allocate its scratch")
+                raise MemoryError("the moe_decode kernel could not allocate its scratch")
             return out
         expert_TK = torch.empty(T, self.top_k, dtype=torch.int64)
         weight_TK = torch.empty(T, self.top_k)
         if self._fn(self._args, T, x.data_ptr(), out.data_ptr(), expert_TK.data_ptr(), weight_TK.data_ptr()):
-            raise MemoryError("fused MoE decode kernel could not allocate its scratch")
+            raise MemoryError("the moe_decode kernel could not allocate its scratch")
         return out, expert_TK, weight_TK
 
 
@@ -167,12 +167,12 @@ def bind(
     scoring: str = "softmax",
     renormalize: bool = True,
     route_scale: float = 1.0,
-) -> FusedMoEDecode:
+) -> MoEDecodeKernel:
     """Check one layer's weights and bind them (layouts: moe_decode.c). Raises ValueError on tensors
     or settings the kernel cannot take, RuntimeError when the kernel is unavailable."""
     fn = _kernel()
     if fn is None:
-        raise RuntimeError("the fused MoE decode kernel is unavailable (no C compiler, or MOELAB_NATIVE=0)")
+        raise RuntimeError("the moe_decode kernel is unavailable (no C compiler, or MOELAB_MOE_DECODE=0)")
     weights = (router_ED, bias_E, gate_up_E2ID, down_EDI, shared_gate_up_2HD, shared_down_DH, shared_gate_1D)
     if (problem := _shape_error(*weights)) is not None:
         raise ValueError(problem)
@@ -180,8 +180,8 @@ def bind(
     if not 1 <= top_k <= E or scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"top_k {top_k} (allowed 1..{E}) or scoring {scoring!r} (allowed softmax, sigmoid)")
     if not usable(*weights):
-        raise ValueError("the fused MoE decode kernel reads fp32, contiguous CPU tensors only")
-    return FusedMoEDecode(fn, weights, top_k, scoring, renormalize, route_scale)
+        raise ValueError("the moe_decode kernel reads fp32, contiguous CPU tensors only")
+    return MoEDecodeKernel(fn, weights, top_k, scoring, renormalize, route_scale)
 
 
 def moe_decode(x: torch.Tensor, *weights: torch.Tensor | None, return_routing: bool = False, **routing):

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moelab.model.mlp import swiglu_product
 
@@ -160,67 +159,3 @@ def experts_swiglu(
     out_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
     out_TD.index_add_(0, plan.token_index_S, out_SD.to(acc_dtype))
     return out_TD.to(x_TD.dtype)
-
-
-def experts_swiglu_gathered(
-    x_TD: torch.Tensor,
-    expert_TK: torch.Tensor,
-    weight_TK: torch.Tensor,
-    gate_up_E2ID: torch.Tensor,
-    down_EDI: torch.Tensor,
-) -> torch.Tensor:
-    """The same result as `experts_swiglu` for a few tokens (decoding): index the chosen experts'
-    weights and run one batched matmul per projection. Only the k chosen experts per token are
-    touched; unchosen experts cost nothing. Copies S = T*k weight sets, so it is for small S only."""
-    T, k = expert_TK.shape
-    D = x_TD.shape[1]
-    dtype = out_dtype = x_TD.dtype
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-    experts_S = expert_TK.reshape(-1)  # [S], slot s = token * k + choice
-    # NOTE: weights are cast after the gather, so only the chosen experts are converted.
-    # One matmul per token against its k experts' gate/up rows stacked ([k*2I, D]) instead of
-    # one per slot: x is not replicated k times, and at one token it is a single matrix-vector product.
-    gate_up_T_K2I_D = gate_up_E2ID.index_select(0, experts_S).to(dtype).view(T, -1, D)
-    gate_up_S12I = torch.bmm(x_TD.to(dtype)[:, None, :], gate_up_T_K2I_D.transpose(1, 2)).view(T * k, 1, -1)
-    gate_S1I, up_S1I = gate_up_S12I.chunk(2, dim=-1)
-    hidden_S1I = swiglu_product(gate_S1I, up_S1I, weight_TK.reshape(-1, 1, 1).to(dtype))
-    out_S1D = torch.bmm(hidden_S1I, down_EDI.index_select(0, experts_S).to(dtype).transpose(1, 2))
-    # [T, D]: the k experts of each token summed in at least fp32, as the grouped path accumulates
-    acc_dtype = torch.promote_types(out_S1D.dtype, torch.float32)
-    return out_S1D.view(T, k, D).to(acc_dtype).sum(1).to(out_dtype)
-
-
-def experts_swiglu_one_token(
-    x_1D: torch.Tensor,
-    expert_1K: torch.Tensor,
-    weight_1K: torch.Tensor,
-    gate_up_E2ID: torch.Tensor,
-    down_EDI: torch.Tensor,
-) -> torch.Tensor:
-    """The same result as `experts_swiglu` for one token on the CPU with autograd off (batch-1
-    decoding): the k chosen experts' weights are read where they lie, one matrix-vector product
-    per projection, and the k outputs accumulate in fp32.
-
-    NOTE: a loop over the k chosen experts, never over all E. Gathering their weights first
-    (`experts_swiglu_gathered`) writes and re-reads a copy of them, which at large experts costs more
-    than the matmuls (measured: docs/architecture.md, Measured choices). The expert ids and weights come to the host with `.tolist()`:
-    free on the CPU, a device sync on accelerators (hence CPU only), and no gradient (hence
-    inference only)."""
-    out_dtype = dtype = x_1D.dtype
-    if torch.is_autocast_enabled(x_1D.device.type):
-        dtype = torch.get_autocast_dtype(x_1D.device.type)
-        x_1D = x_1D.to(dtype)
-    acc_dtype = torch.promote_types(dtype, torch.float32)  # as the grouped path accumulates
-    out_1D = None
-    for e, w in zip(expert_1K[0].tolist(), weight_1K[0].tolist()):
-        gate_1I, up_1I = F.linear(x_1D, gate_up_E2ID[e].to(dtype)).chunk(2, dim=-1)
-        hidden_1I = swiglu_product(gate_1I, up_1I).mul_(w)
-        down_DI = down_EDI[e].to(dtype)
-        if out_1D is None:
-            out_1D = F.linear(hidden_1I, down_DI).to(acc_dtype)  # no copy when already acc_dtype
-        elif dtype == acc_dtype:
-            out_1D.addmm_(hidden_1I, down_DI.t())
-        else:
-            out_1D += F.linear(hidden_1I, down_DI)
-    return out_1D.to(out_dtype)

@@ -15,7 +15,7 @@ from torch import nn
 
 from moelab.config import ModelConfig
 from moelab.model.mlp import SwiGLU
-from moelab.model.moe import MoE, fused_decode_context
+from moelab.model.moe import MoE
 
 
 class ModelOutput(NamedTuple):
@@ -153,12 +153,10 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe) if self.is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(
-        self, x, cos, sin, positions, cache, layer, rows, fused_ok=None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x, cos, sin, positions, cache, layer, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, cache, layer, rows)
         if self.is_moe:
-            ffn_out, aux = self.ffn(self.ffn_norm(x), fused_ok)
+            ffn_out, aux = self.ffn(self.ffn_norm(x))
             return x + ffn_out, aux
         return x + self.ffn(self.ffn_norm(x)), None
 
@@ -231,9 +229,8 @@ class Transformer(nn.Module):
             raise ValueError(f"batch of {B} rows exceeds the cache's {cache.batch} rows")
         x = self.embed(tokens_BT)
         aux_total = x.new_zeros((), dtype=torch.float32)
-        fused_ok = fused_decode_context(x, self.training)  # once per forward, not once per MoE layer
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, positions_BT, cache, i, rows_B, fused_ok)
+            x, aux = block(x, cos, sin, positions_BT, cache, i, rows_B)
             if aux is not None:
                 aux_total = aux_total + aux
         logits = self.lm_head(self.norm(x))
