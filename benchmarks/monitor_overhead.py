@@ -38,10 +38,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from moelab.config import load_config  # noqa: E402
+from moelab.device import resolve_device  # noqa: E402
 from moelab.model import Transformer  # noqa: E402
-from moelab.train.monitor import Monitor, router_health  # noqa: E402
+from moelab.model.health import health_to_metrics, router_health  # noqa: E402
+from moelab.train.monitor import Monitor  # noqa: E402
 from moelab.train.schedule import build_optimizer  # noqa: E402
-from moelab.train.trainer import autocast_dtype, resolve_device  # noqa: E402
+from moelab.train.trainer import autocast_dtype  # noqa: E402
 
 
 class Bench:
@@ -103,8 +105,8 @@ class Bench:
         elif log_now:
             t0 = self.clock()
             record = {"step": self.step + 1, "loss": loss_value, "grad_norm": grad_norm}
-            self.monitor.check_interval(self.step + 1, loss_value, grad_norm, health)
-            record.update(health)
+            self.monitor.check_interval(self.step + 1, loss_value, grad_norm, health, record)
+            record.update(health_to_metrics(health))
             io.StringIO().write(json.dumps(record) + "\n")
             self.monitor_s += self.clock() - t0
         self.step += 1

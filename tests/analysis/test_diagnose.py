@@ -17,8 +17,9 @@ from moelab.analysis.diagnose import (
 from moelab.cli import main
 from moelab.config import load_config
 from moelab.errors import MoelabError
-from moelab.model.health import collapse_score, effective_experts, entropy, load_metrics
+from moelab.model.health import LayerHealth, collapse_score, effective_experts, entropy, health_to_metrics, load_metrics
 from moelab.rundir import RunDir
+from moelab.train.monitor import Monitor
 
 E, K = 4, 2  # the tiny preset's experts
 BALANCED = [0.26, 0.25, 0.25, 0.24]
@@ -69,8 +70,9 @@ def make_run(
     alerts: list[dict] | None = None,
     dense: bool = False,
     summary: dict | None = None,
+    overrides: list[str] | None = None,
 ):
-    cfg = load_config(preset="tiny", overrides=["model.moe=none"] if dense else [])
+    cfg = load_config(preset="tiny", overrides=(["model.moe=none"] if dense else []) + (overrides or []))
     run = RunDir(tmp_path / name)
     run.create(cfg)
     run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -224,6 +226,43 @@ def test_run_written_before_the_current_rules(tmp_path) -> None:
     html = write_report(run).read_text()
     assert "replayed over its logged metrics" in html
     assert html.count("data:image/png;base64,") == 6
+
+
+def _either_side(measure, path, threshold: float) -> tuple[list[float], list[float]]:
+    """Two shares a step apart on `path` (t from 0 to 1), the first with `measure` below the
+    threshold and the second at or above it."""
+    t = next(i / 200 for i in range(201) if measure(path(i / 200)) >= threshold)
+    below, above = path(t - 1 / 200), path(t)
+    assert measure(below) < threshold <= measure(above)
+    return below, above
+
+
+@pytest.mark.parametrize(
+    "setting, measure, path",
+    [
+        # from balanced to everything on two experts
+        ("collapse_score", lambda s: collapse_score(s, K), lambda t: [(1 - t) / E + t * c for c in COLLAPSED]),
+        # one expert taking more and more, the rest evenly (a low collapse score throughout)
+        ("collapse_imbalance", lambda s: load_metrics(s)["imbalance"], lambda t: [(1 + t) / E] + [(3 - t) / E / 3] * 3),
+    ],
+)
+def test_monitor_and_diagnose_judge_a_layer_alike(tmp_path, setting, measure, path) -> None:
+    """The training monitor's collapse alert and diagnose's layer status both come from
+    judge_layer: on the same records they agree, on each side of the threshold."""
+    overrides = ["monitor.collapse_imbalance=1.6"] if setting == "collapse_imbalance" else []
+    cfg = load_config(preset="tiny", overrides=overrides).monitor
+    for side, share in zip(("below", "above"), _either_side(measure, path, getattr(cfg, setting))):
+        monitor = Monitor(cfg, E, K)
+        rows, fired = [], []
+        for s in steps():
+            m = load_metrics([x * 1000 for x in share])
+            health = {0: LayerHealth(tokens=1000.0, **m, collapse_score=collapse_score(share, K), max_logit=2.0)}
+            fired += [a for a in monitor.check_interval(s, 4.0, 0.5, health) if a.rule == "collapse"]
+            rows.append({"step": s, "loss": 4.0, "grad_norm": 0.5, **health_to_metrics(health)})
+        run = make_run(tmp_path, f"{setting}-{side}", rows, [a.to_dict() for a in fired], overrides=overrides)
+        status = diagnose(run).layers[0].status
+        assert bool(fired) == (side == "above"), (side, share)
+        assert (status == "collapsed") == (side == "above"), (side, share, status)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from moelab.distributed.expert_parallel import (
 from moelab.distributed.layout import make_layout
 from moelab.distributed.runtime import Distributed
 from moelab.model import Transformer
-from moelab.model.health import router_health
+from moelab.model.health import health_to_metrics, router_health
 from moelab.model.moe import MoE
 from tests.distributed.harness import run_workers
 
@@ -317,8 +317,9 @@ def _model_worker(rank: int, world: int, expert: int, steps: int) -> dict:
                 "grad " + name.split(".", 2)[-1] if name.startswith("blocks.") else "grad " + name,
                 _max_diff(g, p_ref.grad),
             )
-        health = d.router_health(model, with_similarity=True)
-        health_ref = router_health(ref, ref.router_stats(), True)
+        # compared as the metrics.jsonl keys: every field of every layer, by name
+        health = health_to_metrics(d.router_health(model, with_similarity=True))
+        health_ref = health_to_metrics(router_health(ref, ref.router_stats(), True))
         assert health.keys() == health_ref.keys()
         for key, value in health_ref.items():
             note(

@@ -1,8 +1,12 @@
-"""Router-health statistics on hand-built routing tables with known values, and on real forwards."""
+"""Router-health statistics on hand-built routing tables with known values, and on real forwards;
+the per-layer record's metrics.jsonl round trip and the one judgement of a layer."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
+from dataclasses import fields
 
 import pytest
 import torch
@@ -10,16 +14,22 @@ import torch
 from moelab.config import (
     ModelConfig,
     MoEConfig,
+    MonitorConfig,
 )
 from moelab.model import Transformer
 from moelab.model.health import (
+    LayerHealth,
     collapse_score,
     effective_experts,
     entropy,
     expert_norms,
     expert_weight_stats,
+    health_from_metrics,
+    health_to_metrics,
+    judge_layer,
     load_metrics,
     router_health,
+    routing_skewed,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -138,27 +148,40 @@ def test_router_health_passes_router_statistics_through_and_derives_the_rest() -
             "max_logit": 4.25,
         }
     }
-    h = router_health(model, stats)
-    assert not any(k.startswith("router.0.") for k in h)  # only the layers given
-    p = "router.1."
-    assert h[p + "share"] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
-    assert h[p + "imbalance"] == pytest.approx(2.0) and h[p + "maxvio"] == pytest.approx(1.0)
-    assert h[p + "cv"] == pytest.approx(math.sqrt(75) / 15)
-    assert (h[p + "z_loss"], h[p + "max_logit"], h[p + "dropped_frac"], h[p + "entropy"], h[p + "tokens"]) == (
-        3.5,
-        4.25,
-        0.125,
-        1.1,
-        30.0,
-    )
-    assert h[p + "marginal_entropy"] == pytest.approx(entropy([0.4, 0.2, 0.2, 0.2]))
-    assert h[p + "effective_experts"] == pytest.approx(effective_experts([0.5, 1 / 6, 1 / 6, 1 / 6]))
-    assert h[p + "collapse_score"] == pytest.approx(collapse_score([0.5, 1 / 6, 1 / 6, 1 / 6], 2))
-    assert h[p + "similarity_max"] == pytest.approx(1.0) and h[p + "similarity_pair"] == [2, 3]
-    assert h[p + "weight_norm"] == pytest.approx(expert_norms([experts.gate_up_proj, experts.down_proj]), rel=1e-5)
-    assert p + "grad_norm" not in h  # no backward yet
-    h = router_health(model, stats, with_similarity=False)
-    assert p + "similarity_max" not in h and len(h[p + "weight_norm"]) == 4
+    health = router_health(model, stats)
+    assert list(health) == [1]  # only the layers given
+    h = health[1]
+    assert h.share == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
+    assert h.imbalance == pytest.approx(2.0) and h.maxvio == pytest.approx(1.0)
+    assert h.cv == pytest.approx(math.sqrt(75) / 15)
+    assert (h.z_loss, h.max_logit, h.dropped_frac, h.entropy, h.tokens) == (3.5, 4.25, 0.125, 1.1, 30.0)
+    assert h.marginal_entropy == pytest.approx(entropy([0.4, 0.2, 0.2, 0.2]))
+    assert h.effective_experts == pytest.approx(effective_experts([0.5, 1 / 6, 1 / 6, 1 / 6]))
+    assert h.collapse_score == pytest.approx(collapse_score([0.5, 1 / 6, 1 / 6, 1 / 6], 2))
+    assert h.similarity_max == pytest.approx(1.0) and h.similarity_pair == [2, 3]
+    assert h.weight_norm == pytest.approx(expert_norms([experts.gate_up_proj, experts.down_proj]), rel=1e-5)
+    assert h.grad_norm is None  # no backward yet
+    assert (h.starved, h.dead, h.dead_experts) == (None, None, None)  # the monitor fills these
+    h = router_health(model, stats, with_similarity=False)[1]
+    assert h.similarity_max is None and len(h.weight_norm) == 4
+
+
+def test_router_health_writes_the_metrics_jsonl_keys_in_their_order() -> None:
+    """The on-disk names and order of a layer's keys, as every earlier version wrote them."""
+    model = tiny_model().train()
+    out = model(torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(3)))
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+    health = router_health(model, model.router_stats())
+    for h, (starved, dead) in zip(health.values(), [(1, 0), (0, 1)]):
+        h.starved, h.dead, h.dead_experts = starved, dead, [2] * dead
+    metrics = health_to_metrics(health)
+    names = (
+        "tokens share imbalance cv maxvio effective_experts collapse_score entropy marginal_entropy z_loss "
+        "max_logit dropped_frac weight_norm similarity_max similarity_mean similarity_pair grad_norm "
+        "starved dead dead_experts"
+    ).split()
+    assert list(metrics) == [f"router.{layer}.{name}" for layer in (0, 1) for name in names]
+    assert metrics["router.1.dead_experts"] == [2] and metrics["router.0.starved"] == 1
 
 
 def test_router_health_on_a_real_forward_and_backward() -> None:
@@ -166,18 +189,18 @@ def test_router_health_on_a_real_forward_and_backward() -> None:
     x = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(1))
     out = model(x)
     (out.logits.float().square().mean() + out.aux_loss).backward()
-    h = router_health(model, model.router_stats())
+    health = router_health(model, model.router_stats())
     for layer in (0, 1):
-        p = f"router.{layer}."
-        assert h[p + "tokens"] == 48
-        assert sum(h[p + "share"]) == pytest.approx(1.0)
-        assert 0 <= h[p + "entropy"] <= math.log(4) + 1e-6
+        h = health[layer]
+        assert h.tokens == 48
+        assert sum(h.share) == pytest.approx(1.0)
+        assert 0 <= h.entropy <= math.log(4) + 1e-6
         # entropy is concave: the mean distribution is at least as spread as the average token's
-        assert h[p + "marginal_entropy"] >= h[p + "entropy"] - 1e-6
-        assert h[p + "z_loss"] > 0 and h[p + "max_logit"] != 0
-        assert h[p + "dropped_frac"] == 0.0  # dropless
+        assert h.marginal_entropy >= h.entropy - 1e-6
+        assert h.z_loss > 0 and h.max_logit != 0
+        assert h.dropped_frac == 0.0  # dropless
         grads = model.blocks[layer].ffn.experts
-        assert h[p + "grad_norm"] == pytest.approx(expert_norms([grads.gate_up_proj.grad, grads.down_proj.grad]))
+        assert h.grad_norm == pytest.approx(expert_norms([grads.gate_up_proj.grad, grads.down_proj.grad]))
     assert model.router_stats()[0]["tokens"] == 0  # read and reset
 
 
@@ -185,14 +208,12 @@ def test_dropped_fraction_with_a_capacity() -> None:
     model = tiny_model(capacity_factor=0.5).train()
     model(torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(2)))
     h = router_health(model, model.router_stats())
-    assert 0.4 <= h["router.0.dropped_frac"] < 1.0  # half the slots fit at best
+    assert 0.4 <= h[0].dropped_frac < 1.0  # half the slots fit at best
 
 
 def test_one_rule_judges_skewed_routing() -> None:
-    """routing_skewed is the rule the monitor applies per interval and diagnose at the end."""
-    from moelab.config import MonitorConfig
-    from moelab.model.health import routing_skewed
-
+    """routing_skewed is the collapse rule inside judge_layer, which the monitor applies per
+    interval and diagnose at the end."""
     cfg = MonitorConfig(collapse_score=0.5)
     assert routing_skewed(0.5, 1.0, cfg) and not routing_skewed(0.49, 50.0, cfg)  # imbalance is off by default
     assert not routing_skewed(None, None, cfg)
@@ -201,3 +222,83 @@ def test_one_rule_judges_skewed_routing() -> None:
         routing_skewed(0.1, 3.0, both) and not routing_skewed(0.1, 2.99, both) and not routing_skewed(None, None, both)
     )
     assert routing_skewed(None, 4.0, both)  # metrics without a score: the imbalance alone decides
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-layer record in metrics.jsonl, and the one judgement of a layer
+
+
+def random_health(rng: random.Random, E: int = 6) -> LayerHealth:
+    raw = [rng.random() for _ in range(E)]
+    share = [r / sum(raw) for r in raw]
+    vec = lambda: [rng.uniform(0.1, 3.0) for _ in range(E)]  # noqa: E731
+    return LayerHealth(
+        tokens=float(rng.randrange(1, 10_000)),
+        share=share,
+        **{k: v for k, v in load_metrics(share).items() if k != "share"},
+        effective_experts=effective_experts(share),
+        collapse_score=collapse_score(share, 2),
+        entropy=rng.uniform(0, math.log(E)),
+        marginal_entropy=rng.uniform(0, math.log(E)),
+        z_loss=rng.uniform(0, 20),
+        max_logit=rng.uniform(-5, 40),
+        dropped_frac=rng.random(),
+        weight_norm=vec(),
+        similarity_max=rng.uniform(-1, 1),
+        similarity_mean=rng.uniform(-1, 1),
+        similarity_pair=sorted(rng.sample(range(E), 2)),
+        grad_norm=vec(),
+        starved=rng.randrange(E),
+        dead=rng.randrange(E),
+        dead_experts=sorted(rng.sample(range(E), 2)),
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_layer_health_round_trips_through_a_metrics_line(seed) -> None:
+    rng = random.Random(seed)
+    health = {0: random_health(rng), 3: random_health(rng)}
+    if seed % 2:  # optional fields left out are absent on disk and None when read back
+        health[3].similarity_max = health[3].similarity_mean = health[3].similarity_pair = health[3].grad_norm = None
+    line = json.dumps({"step": 10, "loss": 3.0, **health_to_metrics(health)})
+    record = json.loads(line)
+    assert health_from_metrics(record) == health
+    assert LayerHealth.from_metrics(record, 3) == health[3] and LayerHealth.from_metrics(record, 1) is None
+    assert ("router.3.grad_norm" in record) == (seed % 2 == 0)
+
+
+def test_a_record_from_an_older_version_reads_with_its_newer_fields_none() -> None:
+    """The first monitor's keys: no tokens, effective experts, collapse score, starved or dead
+    expert list; a layer whose load metrics are missing is not read at all."""
+    share = [0.5, 0.5, 0.0, 0.0]
+    old = {f"router.0.{k}": v for k, v in load_metrics([s * 100 for s in share]).items()}
+    old.update({f"router.0.{k}": v for k, v in dict(entropy=0.6, max_logit=3.0, weight_norm=[1.0] * 4, dead=2).items()})
+    old["router.1.entropy"] = 0.5  # no load metrics for layer 1
+    old["router.0.retired_metric"] = 7  # a key this version does not know
+    health = health_from_metrics(old)
+    assert list(health) == [0]
+    h = health[0]
+    assert (h.share, h.entropy, h.max_logit, h.dead) == (share, 0.6, 3.0, 2)
+    newer = ("tokens", "effective_experts", "collapse_score", "starved", "dead_experts", "grad_norm", "z_loss")
+    assert all(getattr(h, name) is None for name in newer)
+    assert h.score(top_k=2) == pytest.approx(1.0) and h.n_effective() == pytest.approx(2.0)  # from the share
+    assert set(h.to_metrics(0)) == set(old) - {"router.1.entropy", "router.0.retired_metric"}
+
+
+def test_judge_layer() -> None:
+    cfg = MonitorConfig(collapse_score=0.5, dead_share=0.1, logit_growth=30.0)
+    names = [f.name for f in fields(LayerHealth)]
+    assert names[:5] == ["tokens", "share", "imbalance", "cv", "maxvio"]
+
+    def record(share, **kw) -> LayerHealth:
+        return LayerHealth(share=share, **{k: v for k, v in load_metrics(share).items() if k != "share"}, **kw)
+
+    judged = judge_layer(record([0.5, 0.5, 0.0, 0.0], max_logit=31.0), cfg, top_k=2)
+    assert (judged.routed, judged.skewed, judged.starved, judged.logit_grown) == (True, True, [2, 3], True)
+    assert judged.score == pytest.approx(1.0)  # computed from the share: the record predates the score
+    judged = judge_layer(record([0.25] * 4, collapse_score=0.7, max_logit=float("nan")), cfg, top_k=2)
+    assert judged.skewed and judged.score == 0.7 and judged.logit_grown  # the logged score is judged
+    judged = judge_layer(record([0.26, 0.25, 0.25, 0.24], max_logit=29.0), cfg, top_k=2)
+    assert (judged.skewed, judged.starved, judged.logit_grown) == (False, [], False)
+    empty = judge_layer(record([0.0] * 4, tokens=0.0, max_logit=50.0), cfg, top_k=2)
+    assert (empty.routed, empty.skewed, empty.starved, empty.logit_grown) == (False, False, [], True)

@@ -23,6 +23,7 @@ from moelab.config import (
 from moelab.errors import ConfigError
 from moelab.files import read_jsonl
 from moelab.model.health import (
+    LayerHealth,
     collapse_score,
     load_metrics,
 )
@@ -36,11 +37,11 @@ from moelab.train.trainer import Trainer
 
 def layer_health(
     share: list[float], layer: int = 0, top_k: int = 2, max_logit: float = 3.0, tokens: float = 1000.0
-) -> dict:
-    """The router_health keys the rules read, for one layer."""
+) -> dict[int, LayerHealth]:
+    """The router_health fields the rules read, for one layer."""
     metrics = load_metrics([s * tokens for s in share])
     metrics.update(tokens=tokens, max_logit=max_logit, collapse_score=collapse_score(metrics["share"], top_k))
-    return {f"router.{layer}.{k}": v for k, v in metrics.items()}
+    return {layer: LayerHealth(**metrics)}
 
 
 def noisy_share(rng: random.Random, E: int = 8, spread: float = 0.3) -> list[float]:
@@ -66,7 +67,7 @@ def test_healthy_stream_raises_nothing() -> None:
         if step % 10 == 0:
             health = layer_health(noisy_share(rng), max_logit=2.0 + step / 400)
             alerts += monitor.check_interval(step, loss, grad, health)
-            assert health["router.0.dead"] == 0 and health["router.0.starved"] == 0
+            assert health[0].dead == 0 and health[0].starved == 0
     assert alerts == []
 
 
@@ -154,12 +155,12 @@ def test_interval_reports_step_maxima() -> None:
     monitor = Monitor(MonitorConfig())
     for step, (loss, grad) in enumerate([(3.0, 1.0), (3.5, 0.5), (2.9, 2.0)], start=1):
         monitor.check_step(step, loss, grad)
-    health: dict = {}
-    monitor.check_interval(3, 3.1, 2.0, health)
-    assert health == {"loss_max": 3.5, "grad_norm_max": 2.0}
-    health = {}
-    monitor.check_interval(4, 3.1, 2.0, health)
-    assert health == {}  # nothing since the last interval
+    metrics: dict = {}
+    monitor.check_interval(3, 3.1, 2.0, {}, metrics)
+    assert metrics == {"loss_max": 3.5, "grad_norm_max": 2.0}
+    metrics = {}
+    monitor.check_interval(4, 3.1, 2.0, {}, metrics)
+    assert metrics == {}  # nothing since the last interval
 
 
 def test_collapse_fires_after_persisting_and_rearms_after_recovery() -> None:
@@ -199,7 +200,7 @@ def test_dead_experts_are_counted_every_interval_and_alert_after_persisting() ->
     for step, share in enumerate([starving, starving, starving, starving, [0.25] * 4, starving], start=1):
         health = layer_health(share)
         alerts += [(step, a) for a in monitor.check_interval(step, 3.0, 1.0, health)]
-        counts.append((health["router.0.starved"], health["router.0.dead"], health["router.0.dead_experts"]))
+        counts.append((health[0].starved, health[0].dead, health[0].dead_experts))
     assert counts == [(1, 0, []), (1, 0, []), (1, 1, [3]), (1, 1, [3]), (0, 0, []), (1, 0, [])]
     assert [(s, a.rule, a.action, a.value, a.threshold) for s, a in alerts] == [
         (3, "dead_experts", "rollback", 1.0, floor)
@@ -212,7 +213,7 @@ def test_an_interval_without_tokens_leaves_the_counters_alone() -> None:
     run_intervals(monitor, [starving])
     health = layer_health([0.0] * 4, tokens=0.0)
     assert monitor.check_interval(2, 3.0, 1.0, health) == []
-    assert health["router.0.dead"] == 0
+    assert health[0].dead == 0
     alerts = run_intervals(monitor, [starving], start=3, rule="dead_experts")
     assert [a.step for a in alerts] == [3]
 
@@ -407,7 +408,7 @@ def test_a_whole_preset_raises_no_false_alarm(tmp_path) -> None:
 
 
 def _poison_every_time(trainer, step) -> None:
-    trainer.nan_injected = False  # the debug NaN comes back on every replay: a persistent fault
+    trainer.counters.nan_injected = False  # the debug NaN comes back on every replay: a persistent fault
 
 
 SHORT = [

@@ -5,10 +5,15 @@ data), and returns a `Diagnosis`: a verdict (healthy / degraded / collapsed, nam
 why), one summary per MoE layer over the end of the run, the alerts with the step each fired, and
 the spikes and rollbacks. `write_report` renders it as one self-contained HTML page with plots.
 
-Tolerant of runs written by older versions: missing metrics are left out of tables and plots, a
-config that no longer validates is read for the few values needed, and where a run has no
-alerts.jsonl the layer rules are replayed over its metrics. The verdict uses the thresholds of the
-run's own monitor settings (MonitorConfig), so it agrees with the alerts the run raised.
+Router metrics are read back as `LayerHealth` records (moelab.model.health), the type the trainer
+wrote them from, and a layer's status comes from `judge_layer` applied to one record of the tail's
+means: the judgement the training monitor applies to every interval. The verdict uses the
+thresholds of the run's own monitor settings (MonitorConfig), so it agrees with the alerts the run
+raised.
+
+Tolerant of runs written by older versions: metrics they lack are None in their records and left
+out of tables and plots, a config that no longer validates is read for the few values needed, and
+where a run has no alerts.jsonl the layer rules are replayed over its metrics.
 """
 
 from __future__ import annotations
@@ -24,13 +29,27 @@ from typing import Any
 from moelab.config import MonitorConfig
 from moelab.errors import MoelabError
 from moelab.files import read_jsonl
-from moelab.model.health import collapse_score, effective_experts, router_layers, routing_skewed
+from moelab.model.health import LayerHealth, health_from_metrics, judge_layer, router_layers
 from moelab.rundir import RunDir
 from moelab.train.monitor import Monitor
 
 STATUS_ORDER = ("healthy", "degraded", "collapsed")
 LAYER_RULES = ("collapse", "dead_experts", "logit_growth")
 TAIL_FRACTION = 0.2  # the end of the run that layer verdicts describe: its last 20% of intervals
+# LayerHealth fields summarised over the tail (means; max_logit: the largest)
+SUMMARY_FIELDS = (
+    "imbalance",
+    "cv",
+    "maxvio",
+    "effective_experts",
+    "collapse_score",
+    "entropy",
+    "marginal_entropy",
+    "z_loss",
+    "max_logit",
+    "dropped_frac",
+    "similarity_max",
+)
 
 
 @dataclass
@@ -174,12 +193,9 @@ def replay_layer_alerts(train: list[dict[str, Any]], info: RunInfo) -> list[dict
     monitor = Monitor(info.monitor, info.num_experts, info.top_k)
     out = []
     for row in train:
-        health = {k: v for k, v in row.items() if k.startswith("router.")}
-        if not all(
-            f"router.{layer}.share" in health and f"router.{layer}.imbalance" in health
-            for layer in router_layers(health)
-        ):
-            continue
+        health = health_from_metrics(row)
+        if len(health) < len(router_layers(row)):
+            continue  # a layer without its load metrics cannot be judged
         for alert in monitor.check_interval(
             int(row["step"]), float(row.get("loss", 0.0)), float(row.get("grad_norm", 0.0)), health
         ):
@@ -189,19 +205,37 @@ def replay_layer_alerts(train: list[dict[str, Any]], info: RunInfo) -> list[dict
 
 
 def alert_layer(alert: dict[str, Any]) -> int | None:
+    """The layer an alert is about (None for run-wide rules). Alerts carry it."""
     if isinstance(alert.get("layer"), int):
         return alert["layer"]
+    if "layer" not in alert and alert.get("rule") in LAYER_RULES:
+        return _legacy_alert_layer(alert)
+    return None
+
+
+def _legacy_alert_layer(alert: dict[str, Any]) -> int | None:
+    """LEGACY: alert lines in metrics.jsonl written before they carried the layer had it only in the
+    message text ("layer 3: ..."). Only runs written by those versions reach this."""
     message = str(alert.get("message", ""))
-    if message.startswith("layer "):  # alert lines in metrics.jsonl written before they carried the layer
+    if message.startswith("layer "):
         head = message[6:].split(":", 1)[0]
         return int(head) if head.isdigit() else None
     return None
 
 
+def layer_history(train: list[dict[str, Any]], layer: int) -> list[tuple[int, LayerHealth]]:
+    """(step, record) of the layer over the intervals that logged its router metrics."""
+    out = []
+    for row in train:
+        health = LayerHealth.from_metrics(row, layer)
+        if health is not None:
+            out.append((row["step"], health))
+    return out
+
+
 def layer_series(train: list[dict[str, Any]], layer: int, name: str) -> tuple[list[int], list[Any]]:
-    """(steps, values) of router.<layer>.<name> over the intervals that logged it."""
-    key = f"router.{layer}.{name}"
-    pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+    """(steps, values) of one LayerHealth field over the intervals that logged it."""
+    pts = [(step, getattr(h, name)) for step, h in layer_history(train, layer) if getattr(h, name) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -209,61 +243,54 @@ def _finite(values: list[Any]) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def _layer_summary(train: list[dict[str, Any]], layer: int, info: RunInfo) -> dict[str, float]:
-    tail = train[-max(3, math.ceil(TAIL_FRACTION * len(train))) :]
-    out: dict[str, float] = {}
-    for name in (
-        "imbalance",
-        "cv",
-        "maxvio",
-        "effective_experts",
-        "collapse_score",
-        "entropy",
-        "marginal_entropy",
-        "z_loss",
-        "max_logit",
-        "dropped_frac",
-        "similarity_max",
-    ):
-        _, values = layer_series(tail, layer, name)
-        if name in ("effective_experts", "collapse_score") and not values:
-            # Metrics written before these existed: compute them from the share.
-            _, shares = layer_series(tail, layer, "share")
-            values = [
-                effective_experts(s) if name == "effective_experts" else collapse_score(s, info.top_k) for s in shares
-            ]
-        values = _finite(values)
-        if values:
-            out[name] = max(values) if name == "max_logit" else statistics.fmean(values)
+def _tail_health(train: list[dict[str, Any]], layer: int, info: RunInfo) -> LayerHealth | None:
+    """The layer over the end of the run as one record: each summarised field's mean over the last
+    20% of intervals (max_logit: the largest; dead: the last logged), judged like one interval.
+    Records that predate the collapse score and effective experts have them computed from the share."""
+    tail = [h for _, h in layer_history(train[-max(3, math.ceil(TAIL_FRACTION * len(train))) :], layer)]
+    if not tail:
+        return None
+    values = {name: _finite([getattr(h, name) for h in tail]) for name in SUMMARY_FIELDS}
+    values["collapse_score"] = _finite([h.score(info.top_k) for h in tail])
+    values["effective_experts"] = _finite([h.n_effective() for h in tail])
+    means = {
+        name: (max(v) if name == "max_logit" else statistics.fmean(v)) if v else None for name, v in values.items()
+    }
+    E = max(len(h.share) for h in tail)
+    share_E = [statistics.fmean(h.share[e] for h in tail if e < len(h.share)) for e in range(E)]
     _, dead = layer_series(train, layer, "dead")
-    if dead:
-        out["dead"] = float(dead[-1])
+    return LayerHealth(share=share_E, **means, dead=dead[-1] if dead else None)
+
+
+def _summary(tail: LayerHealth | None) -> dict[str, float]:
+    """The tail record's summarised fields, as the layer table and --json show them."""
+    if tail is None:
+        return {}
+    out = {name: float(getattr(tail, name)) for name in SUMMARY_FIELDS if getattr(tail, name) is not None}
+    if tail.dead is not None:
+        out["dead"] = float(tail.dead)
     return out
 
 
-def _layer_status(layer: int, summary: dict[str, float], alerts: list[dict[str, Any]], info: RunInfo) -> LayerDiagnosis:
+def _layer_status(layer: int, tail: LayerHealth | None, alerts: list[dict[str, Any]], info: RunInfo) -> LayerDiagnosis:
     cfg = info.monitor
+    summary = _summary(tail)
     reasons: list[str] = []
     status = "healthy"
-    score = summary.get("collapse_score")
-    n_eff = summary.get("effective_experts")
-    collapsed = routing_skewed(score, summary.get("imbalance"), cfg)
-    if collapsed:
+    judged = judge_layer(tail, cfg, info.top_k) if tail is not None else None
+    if judged is not None and judged.skewed:
         status = "collapsed"
-        if n_eff is not None:
-            reasons.append(
-                f"routing concentrated on {n_eff:.1f} effective experts of {info.num_experts} at the end (collapse score {score:.2f})"
-            )
-        else:
-            reasons.append(f"max/mean expert load {summary.get('imbalance', 0):.2f} at the end")
+        reasons.append(
+            f"routing concentrated on {tail.n_effective():.1f} effective experts of {info.num_experts} at the end "
+            f"(collapse score {judged.score:.2f})"
+        )
     dead = int(summary.get("dead", 0))
     if dead:
         status = max(status, "degraded", key=STATUS_ORDER.index)
         reasons.append(f"{dead} dead expert{'s' if dead > 1 else ''} at the end")
-    max_logit = summary.get("max_logit")
-    if max_logit is not None and max_logit > cfg.logit_growth:
+    if judged is not None and judged.logit_grown:
         status = max(status, "degraded", key=STATUS_ORDER.index)
-        reasons.append(f"max router logit {max_logit:.1f} above {cfg.logit_growth:g}")
+        reasons.append(f"max router logit {tail.max_logit:.1f} above {cfg.logit_growth:g}")
     mine = [a for a in alerts if alert_layer(a) == layer and a.get("rule") in LAYER_RULES]
     fired = sorted({a["rule"] for a in mine})
     if fired and status == "healthy":
@@ -383,10 +410,10 @@ def diagnose(run_dir: str | Path) -> Diagnosis:
     layer_ids = sorted({layer for r in train for layer in router_layers(r)})
     # NOTE: a run logged before the collapse score existed raised its layer alerts under older rules
     # (an older collapse rule fired on healthy runs); judge its layers by the current rules, replayed.
-    predates = bool(layer_ids) and not any(f"router.{layer_ids[0]}.collapse_score" in r for r in train)
+    predates = bool(layer_ids) and all(h.collapse_score is None for _, h in layer_history(train, layer_ids[0]))
     replayed = replay_layer_alerts(train, info) if predates else []
     layer_alerts = replayed + [a for a in alerts if a.get("rule") not in LAYER_RULES] if predates else alerts
-    layers = [_layer_status(layer, _layer_summary(train, layer, info), layer_alerts, info) for layer in layer_ids]
+    layers = [_layer_status(layer, _tail_health(train, layer, info), layer_alerts, info) for layer in layer_ids]
     status, verdict = _verdict(info, layers, alerts, rollbacks, stops, train)
     if predates:
         verdict += (

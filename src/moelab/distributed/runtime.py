@@ -28,7 +28,7 @@ from moelab.distributed import data_parallel as dp
 from moelab.distributed.expert_parallel import gather_rows, shard_experts
 from moelab.distributed.layout import Layout, check_layout, make_layout
 from moelab.errors import MoelabError
-from moelab.model.health import router_health
+from moelab.model.health import LayerHealth, router_health
 
 
 def _env_int(name: str, default: int) -> int:
@@ -151,6 +151,10 @@ class Distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.world_group)
         return bool(t.item() > 0)
 
+    def summary(self, cfg: RunConfig) -> dict[str, Any]:
+        """What summary.json records about the processes."""
+        return {"parallel": {"world": self.world, "expert": cfg.parallel.expert}}
+
     def describe(self) -> str:
         L = self.layout
         ep = (
@@ -193,12 +197,12 @@ class Distributed:
         dp.reduce_balancing_load(model, self.world_group)
         model.update_router_biases()
 
-    def router_health(self, model: nn.Module, with_similarity: bool) -> dict[str, Any]:
-        """Router-health metrics of the global batch (statistics summed over ranks, experts
-        gathered): computed on rank 0 and broadcast, so every rank's monitor decides alike."""
+    def router_health(self, model: nn.Module, with_similarity: bool) -> dict[int, LayerHealth]:
+        """Each MoE layer's router-health record for the global batch (statistics summed over ranks,
+        experts gathered): computed on rank 0 and broadcast, so every rank's monitor decides alike."""
         dp.reduce_router_stats(model, self.world_group)
         stats = model.router_stats()
-        health: dict[str, Any] | None = None
+        health: dict[int, LayerHealth] | None = None
         if self.layout.expert == 1:
             if self.is_main:
                 health = router_health(model, stats, with_similarity)

@@ -1,7 +1,7 @@
 """Run directories made outside training (`moelab import`, `moelab upcycle`).
 
 They hold what every command reads (config.toml, tokenizer.json, optional data.json) and one
-checkpoint, step_0000000, whose trainer state says "fresh start" (moelab.train.trainer
+checkpoint, step_0000000, whose trainer state says "fresh start" (moelab.train.checkpointer
 .fresh_start_state): moelab.rundir.load_model reads it like any run, and `moelab train --out RUN
 --resume` trains it with a new optimizer from step 0.
 """
@@ -19,7 +19,7 @@ from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.files import write_atomic
 from moelab.rundir import RunDir
-from moelab.train.trainer import fresh_start_state
+from moelab.train.checkpointer import fresh_start_state
 
 
 def check_new_run_dir(out: str | Path) -> None:

@@ -1,15 +1,19 @@
 """Router health statistics: per-layer load, entropy, collapse, dead experts, logits and expert
 weights, computed from a model's MoE layers and one interval's routing statistics.
 
-`router_health` turns them into the per-layer metrics written to metrics.jsonl as
-`router.<layer>.<name>`. The functions take plain lists and tensors so that each is unit-tested on
-hand-built routing tables. The training monitor (moelab.train.monitor), the distributed runtime and
-diagnose all read these; none of them computes a statistic of its own.
+`router_health` returns one `LayerHealth` per MoE layer: a typed record with a field per metric.
+It is written to metrics.jsonl as flat keys `router.<layer>.<name>` (`LayerHealth.to_metrics`) and
+read back by the same class (`LayerHealth.from_metrics`), so no other module parses those keys.
+`judge_layer` is the one judgement of a layer (collapse, starved experts, logit growth): the
+training monitor (moelab.train.monitor) applies it to every interval and diagnose to the end of a
+run. The functions take plain lists and tensors so that each is unit-tested on hand-built routing
+tables; the monitor, the distributed runtime and diagnose compute no statistic of their own.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -107,47 +111,65 @@ def expert_norms(tensors: list[torch.Tensor]) -> list[float]:
     return torch.stack(per_tensor).double().cpu().square().sum(0).sqrt().tolist()
 
 
-def routing_skewed(score: float | None, imbalance: float | None, cfg: MonitorConfig) -> bool:
-    """Whether one interval's routing of a layer counts towards a collapse: the collapse score at or
-    above monitor.collapse_score, or (when set) max/mean load at or above monitor.collapse_imbalance.
-    The one rule the training monitor (persisting over intervals) and diagnose (at the end) apply."""
-    if score is not None and score >= cfg.collapse_score:
-        return True
-    return cfg.collapse_imbalance > 0 and imbalance is not None and imbalance >= cfg.collapse_imbalance
+# ---------------------------------------------------------------------------------------------
+# The per-layer record
 
 
-def router_health(
-    model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True
-) -> dict[str, Any]:
-    """Flat metrics `router.<layer>.<name>` for one logging interval (see docs/monitoring.md).
+@dataclass(kw_only=True)
+class LayerHealth:
+    """One MoE layer's router health over one logging interval (docs/monitoring.md defines each
+    field). The load fields are in every version's metrics; the rest are None where a run was
+    written before they were logged (or, for the optional ones, where they were not measured).
 
-    Routing metrics cover every training forward since the last read (`router_stats` comes from
-    `Transformer.router_stats()`); weight norms and similarity are of the current weights; gradient
-    norms are of the current gradients (after clipping: what the optimizer applies), so call this
-    after the backward pass and before the optimizer step."""
-    out: dict[str, Any] = {}
-    blocks = {i: b.ffn for i, b in enumerate(model.blocks) if b.is_moe}
-    for layer, stats in router_stats.items():
-        moe = blocks[layer]
-        metrics: dict[str, Any] = {"tokens": stats["tokens"]}
-        metrics.update(load_metrics(stats["tokens_per_expert"]))
-        metrics["effective_experts"] = effective_experts(metrics["share"])
-        metrics["collapse_score"] = collapse_score(metrics["share"], moe.cfg.top_k)
-        metrics["entropy"] = stats["entropy"]  # mean per-token routing entropy (nats)
-        metrics["marginal_entropy"] = entropy(stats["mean_prob"])  # entropy of the mean routing distribution
-        metrics["z_loss"] = stats["z_loss"]
-        metrics["max_logit"] = stats["max_logit"]
-        metrics["dropped_frac"] = stats["dropped_frac"]
-        experts = [moe.experts.gate_up_proj, moe.experts.down_proj]
-        if with_similarity:
-            metrics.update(expert_weight_stats(*experts))
-        else:
-            metrics["weight_norm"] = expert_norms(experts)
-        if all(p.grad is not None for p in experts):
-            metrics["grad_norm"] = expert_norms([p.grad for p in experts])
-        for name, value in metrics.items():
-            out[f"router.{layer}.{name}"] = value
-    return out
+    NOTE: the field names are the on-disk names and their order the key order of a layer's keys in
+    a metrics.jsonl line: never rename a field, or runs already written read it as missing."""
+
+    tokens: float | None = None  # tokens routed in the interval
+    share: list[float]  # [E] slots each expert processed / all processed slots
+    imbalance: float  # max / mean load
+    cv: float  # std / mean load
+    maxvio: float  # (max - mean) / mean load
+    effective_experts: float | None = None  # exp(entropy of share)
+    collapse_score: float | None = None  # 0 balanced .. 1 all tokens on the same k experts
+    entropy: float | None = None  # mean per-token routing entropy (nats)
+    marginal_entropy: float | None = None  # entropy of the mean routing distribution (nats)
+    z_loss: float | None = None
+    max_logit: float | None = None
+    dropped_frac: float | None = None
+    weight_norm: list[float] | None = None  # [E]
+    similarity_max: float | None = None  # only with monitor.expert_similarity
+    similarity_mean: float | None = None
+    similarity_pair: list[int] | None = None  # [2]
+    grad_norm: list[float] | None = None  # [E]; only after a backward pass
+    # Filled by the monitor, which counts starved intervals per expert (moelab.train.monitor).
+    starved: int | None = None  # experts below the dead-share floor in this interval
+    dead: int | None = None  # experts starved for persist_intervals intervals
+    dead_experts: list[int] | None = None
+
+    def to_metrics(self, layer: int) -> dict[str, Any]:
+        """The flat metrics.jsonl keys `router.<layer>.<name>`; fields that are None are left out."""
+        return {f"router.{layer}.{f.name}": v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_metrics(cls, record: dict[str, Any], layer: int) -> LayerHealth | None:
+        """The layer's record from a metrics line, or None when the line has no load metrics for it.
+        Keys a run did not write read as None; keys this version does not know are ignored."""
+        prefix = f"router.{layer}."
+        values = {f.name: record[prefix + f.name] for f in fields(cls) if record.get(prefix + f.name) is not None}
+        if any(name not in values for name in LOAD_FIELDS):
+            return None
+        return cls(**values)
+
+    def score(self, top_k: int) -> float:
+        """The collapse score; computed from the share for runs that predate it."""
+        return self.collapse_score if self.collapse_score is not None else collapse_score(self.share, top_k)
+
+    def n_effective(self) -> float:
+        """The effective number of experts; computed from the share for runs that predate it."""
+        return self.effective_experts if self.effective_experts is not None else effective_experts(self.share)
+
+
+LOAD_FIELDS = ("share", "imbalance", "cv", "maxvio")  # load_metrics' output: in every version's metrics
 
 
 def router_layers(record: dict[str, Any]) -> list[int]:
@@ -158,4 +180,101 @@ def router_layers(record: dict[str, Any]) -> list[int]:
             for k in record
             if k.startswith("router.") and k.count(".") >= 2 and k.split(".")[1].isdigit()
         }
+    )
+
+
+def health_from_metrics(record: dict[str, Any]) -> dict[int, LayerHealth]:
+    """Every layer's record in a metrics line (layers without load metrics are left out)."""
+    layers = {layer: LayerHealth.from_metrics(record, layer) for layer in router_layers(record)}
+    return {layer: h for layer, h in layers.items() if h is not None}
+
+
+def health_to_metrics(health: dict[int, LayerHealth]) -> dict[str, Any]:
+    """The flat metrics.jsonl keys of every layer's record, layer by layer."""
+    return {k: v for layer, h in sorted(health.items()) for k, v in h.to_metrics(layer).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging a layer
+
+
+@dataclass
+class LayerJudgement:
+    """What the rules see in one layer's record, before any persistence over intervals."""
+
+    routed: bool  # the record has routed tokens; without them the routing says nothing
+    score: float  # the collapse score judged
+    skewed: bool  # routing concentrated enough to count towards a collapse
+    starved: list[int]  # experts below the dead-share floor
+    logit_grown: bool  # max router logit above monitor.logit_growth, or not finite
+
+
+def routing_skewed(score: float | None, imbalance: float | None, cfg: MonitorConfig) -> bool:
+    """Whether routing counts towards a collapse: the collapse score at or above
+    monitor.collapse_score, or (when set) max/mean load at or above monitor.collapse_imbalance."""
+    if score is not None and score >= cfg.collapse_score:
+        return True
+    return cfg.collapse_imbalance > 0 and imbalance is not None and imbalance >= cfg.collapse_imbalance
+
+
+def dead_floor(cfg: MonitorConfig, num_experts: int) -> float:
+    """Share below which an expert counts as starved in an interval."""
+    return cfg.dead_share / max(num_experts, 1)
+
+
+def judge_layer(health: LayerHealth, cfg: MonitorConfig, top_k: int) -> LayerJudgement:
+    """The one judgement of a layer's routing. The training monitor judges every interval and
+    counts how long each condition persists; diagnose judges the end of a run (one record of the
+    tail's means), so a run's verdict agrees with the alerts it raised. `top_k` scores records
+    that predate the collapse score."""
+    max_logit = health.max_logit
+    grown = max_logit is not None and (not math.isfinite(max_logit) or max_logit > cfg.logit_growth)
+    if (health.tokens is not None and health.tokens <= 0) or sum(health.share) <= 0:
+        # NOTE: every expert of an empty interval is below the floor; that is no evidence of starving.
+        return LayerJudgement(routed=False, score=0.0, skewed=False, starved=[], logit_grown=grown)
+    score = health.score(top_k)
+    floor = dead_floor(cfg, len(health.share))
+    return LayerJudgement(
+        routed=True,
+        score=score,
+        skewed=routing_skewed(score, health.imbalance, cfg),
+        starved=[e for e, s in enumerate(health.share) if s < floor],
+        logit_grown=grown,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# From the model
+
+
+def router_health(
+    model: nn.Module, router_stats: dict[int, dict[str, Any]], with_similarity: bool = True
+) -> dict[int, LayerHealth]:
+    """Each MoE layer's record for one logging interval (see docs/monitoring.md), keyed by layer.
+
+    Routing metrics cover every training forward since the last read (`router_stats` comes from
+    `Transformer.router_stats()`); weight norms and similarity are of the current weights; gradient
+    norms are of the current gradients (after clipping: what the optimizer applies), so call this
+    after the backward pass and before the optimizer step. The monitor fills the stateful fields."""
+    blocks = {i: b.ffn for i, b in enumerate(model.blocks) if b.is_moe}
+    return {layer: _layer_health(blocks[layer], stats, with_similarity) for layer, stats in router_stats.items()}
+
+
+def _layer_health(moe: nn.Module, stats: dict[str, Any], with_similarity: bool) -> LayerHealth:
+    load = load_metrics(stats["tokens_per_expert"])
+    experts = [moe.experts.gate_up_proj, moe.experts.down_proj]
+    weights = expert_weight_stats(*experts) if with_similarity else {"weight_norm": expert_norms(experts)}
+    grads = all(p.grad is not None for p in experts)
+    return LayerHealth(
+        tokens=stats["tokens"],
+        **load,
+        effective_experts=effective_experts(load["share"]),
+        collapse_score=collapse_score(load["share"], moe.cfg.top_k),
+        entropy=stats["entropy"],  # mean per-token routing entropy (nats)
+        marginal_entropy=entropy(stats["mean_prob"]),  # entropy of the mean routing distribution
+        z_loss=stats["z_loss"],
+        max_logit=stats["max_logit"],
+        dropped_frac=stats["dropped_frac"],
+        **weights,
+        grad_norm=expert_norms([p.grad for p in experts]) if grads else None,
     )

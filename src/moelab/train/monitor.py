@@ -10,6 +10,9 @@
     dead_experts  experts below a share floor for n intervals         (per MoE layer, per interval)
     logit_growth  max router logit above a limit                      (per MoE layer, per interval)
 
+The layer rules read each layer's `LayerHealth` record and judge it with
+moelab.model.health.judge_layer, the judgement diagnose also applies; what the monitor adds is
+persistence over intervals, the starved/dead counts it fills into the records, and when to alert.
 The monitor's state (rolling windows, persistence counters, armed rules) goes into
 checkpoints so that a resumed run carries on exactly; docs/monitoring.md explains every threshold.
 """
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moelab.config import MonitorConfig
-from moelab.model.health import collapse_score, effective_experts, router_layers, routing_skewed
+from moelab.model.health import LayerHealth, dead_floor, effective_experts, judge_layer
 
 # ---------------------------------------------------------------------------------------------
 # Rules
@@ -88,9 +91,9 @@ class Monitor:
     """Stateful rules over the per-step values and the logged metrics; its state goes into checkpoints.
 
     The trainer calls `check_step` every step (returns a `nan` alert or None: the step must then be
-    skipped) and `check_interval` at every logging interval (returns the alerts to act on, and adds
-    the stateful metrics `router.<layer>.starved`, `.dead`, `.dead_experts` and the interval's
-    `loss_max` and `grad_norm_max` to the metrics dict it is given).
+    skipped) and `check_interval` at every logging interval (returns the alerts to act on, fills
+    the stateful fields `starved`, `dead` and `dead_experts` of each layer's `LayerHealth`, and adds
+    the interval's `loss_max` and `grad_norm_max` to the metrics line it is given).
 
     Layer rules alert when their condition starts to hold and re-arm once it has cleared, so a
     collapse that recovers and comes back (or persists after a rollback) is reported again, while a
@@ -149,10 +152,18 @@ class Monitor:
 
     # -- every logging interval ------------------------------------------------------------------
 
-    def check_interval(self, step: int, loss: float, grad_norm: float, health: dict[str, Any]) -> list[Alert]:
+    def check_interval(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        health: dict[int, LayerHealth],
+        metrics: dict[str, Any] | None = None,
+    ) -> list[Alert]:
         """Alerts for the interval ending at `step`: spikes seen since the last interval, then the
-        layer rules on `health` (router_health's metrics, which this completes in place). `loss` and
-        `grad_norm` are the interval's logged values; the spike rules judge the per-step values
+        layer rules on `health` (router_health's records, whose stateful fields this fills in). The
+        interval's per-step maxima go into `metrics`, the interval's metrics line, when given. `loss`
+        and `grad_norm` are the interval's logged values; the spike rules judge the per-step values
         that `check_step` saw instead, so they are not used here."""
         if self.rollbacks != self.rollbacks_seen:
             # NOTE: the trainer rolled back since the last interval: the model is an older one, so
@@ -162,11 +173,11 @@ class Monitor:
             self.skewed.clear()
             self.firing.clear()
         alerts = self._spike_alerts()
-        for key, value in self.interval_max.items():
-            health[f"{key}_max"] = value
+        if metrics is not None:
+            metrics.update({f"{key}_max": value for key, value in self.interval_max.items()})
         self.interval_max.clear()
-        for layer in router_layers(health):
-            alerts.extend(self._layer_rules(step, layer, health))
+        for layer, record in sorted(health.items()):
+            alerts.extend(self._layer_rules(step, layer, record))
         return alerts
 
     def _spike_alerts(self) -> list[Alert]:
@@ -211,34 +222,27 @@ class Monitor:
         self.firing.add(key)
         return [alert]
 
-    def dead_floor(self, num_experts: int) -> float:
-        """Share below which an expert counts as starved in an interval."""
-        return self.cfg.dead_share / max(num_experts, 1)
+    def _dead(self, key: str) -> list[int]:
+        """Experts of a layer starved for persist_intervals consecutive intervals."""
+        return [e for e, c in enumerate(self.starved.get(key, [])) if c >= self.cfg.persist_intervals]
 
-    def _layer_rules(self, step: int, layer: int, health: dict[str, Any]) -> list[Alert]:
-        p = f"router.{layer}."
+    def _layer_rules(self, step: int, layer: int, health: LayerHealth) -> list[Alert]:
         cfg = self.cfg
-        share: list[float] = health[p + "share"]
+        share = health.share
         E = len(share)
         key = str(layer)
-        alerts: list[Alert] = []
-        if health.get(p + "tokens", 1.0) <= 0 or sum(share) <= 0:
+        judged = judge_layer(health, cfg, self.top_k)
+        if not judged.routed:
             # An interval without routed tokens says nothing about the routing: counters stay put.
-            health[p + "starved"] = 0
-            health[p + "dead"] = sum(c >= cfg.persist_intervals for c in self.starved.get(key, []))
-            health[p + "dead_experts"] = [
-                e for e, c in enumerate(self.starved.get(key, [])) if c >= cfg.persist_intervals
-            ]
-            return alerts
+            health.dead_experts = self._dead(key)
+            health.starved, health.dead = 0, len(health.dead_experts)
+            return []
+        alerts: list[Alert] = []
 
         # Collapse: routing concentrated on few experts (collapse score), or max/mean load above an
         # absolute limit when one is configured, for persist_intervals consecutive intervals.
-        score = health.get(p + "collapse_score")
-        if score is None:  # metrics from before the score existed
-            score = collapse_score(share, self.top_k)
-        imbalance = health[p + "imbalance"]
-        skewed = routing_skewed(score, imbalance, cfg)
-        self.skewed[key] = self.skewed.get(key, 0) + 1 if skewed else 0
+        score = judged.score
+        self.skewed[key] = self.skewed.get(key, 0) + 1 if judged.skewed else 0
         collapsed = self.skewed[key] >= cfg.persist_intervals
         top = max(range(E), key=share.__getitem__)
         n_eff = effective_experts(share)
@@ -252,7 +256,7 @@ class Monitor:
                 cfg.on_collapse,
                 f"layer {layer}: routing collapsed onto {n_eff:.1f} effective experts of {E} (collapse score {score:.2f} >= "
                 f"{cfg.collapse_score:g} for {self.skewed[key]} intervals); expert {top} takes {share[top]:.0%} of the slots, "
-                f"max/mean load {imbalance:.2f}",
+                f"max/mean load {health.imbalance:.2f}",
                 layer,
                 value=score,
                 threshold=cfg.collapse_score,
@@ -262,16 +266,14 @@ class Monitor:
         )
 
         # Dead experts: share below dead_share / E for persist_intervals consecutive intervals.
-        floor = self.dead_floor(E)
+        floor = dead_floor(cfg, E)
         counters = self.starved.get(key)
         if counters is None or len(counters) != E:
             counters = [0] * E
-        counters = [c + 1 if s < floor else 0 for c, s in zip(counters, share)]
-        self.starved[key] = counters
-        dead = [e for e, c in enumerate(counters) if c >= cfg.persist_intervals]
-        health[p + "starved"] = sum(s < floor for s in share)
-        health[p + "dead"] = len(dead)
-        health[p + "dead_experts"] = dead
+        starved = set(judged.starved)
+        self.starved[key] = [c + 1 if e in starved else 0 for e, c in enumerate(counters)]
+        dead = self._dead(key)
+        health.starved, health.dead, health.dead_experts = len(starved), len(dead), dead
         alerts += self._fire(
             "dead_experts",
             layer,
@@ -291,8 +293,8 @@ class Monitor:
         )
 
         # Router logit growth: a non-finite logit counts as grown.
-        max_logit = health.get(p + "max_logit", 0.0)
-        grown = not math.isfinite(max_logit) or max_logit > cfg.logit_growth
+        max_logit = health.max_logit if health.max_logit is not None else 0.0
+        grown = judged.logit_grown
         key_fire = ("logit_growth", layer)
         if key_fire in self.firing and math.isfinite(max_logit) and max_logit > 0.9 * cfg.logit_growth:
             grown = True  # NOTE: hysteresis: re-arm only below 90% of the limit, so a logit hovering at it alerts once
