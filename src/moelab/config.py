@@ -24,6 +24,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 ROUTING_CHOICES = ("token_choice", "expert_choice")
 SCORING_CHOICES = ("softmax", "sigmoid")
 TOKENIZER_CHOICES = ("bpe", "bytes", "file")
+BALANCE_COUPLING_CHOICES = ("none", "lr", "stop_at_decay")
+BALANCE_SCOPE_CHOICES = ("micro_batch", "step")
 SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
@@ -256,6 +258,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     sample_tokens: int = 64  # tokens of the sample printed at the end
+    # Router balancing coupled to the schedule (moelab.train.schedule.balance_scale): the Switch-loss
+    # coefficient and the bias update rate are multiplied by a factor in [0, 1] every step.
+    balance_coupling: str = "none"  # none | lr (factor lr / peak lr) | stop_at_decay (0 from the decay phase on)
+    balance_warmup_steps: int = 0  # the factor ramps linearly from 0 to 1 over these first steps (0 = off)
+    router_freeze_step: int = 0  # from this step on, router weights and biases stay fixed (0 = never)
+    router_freeze_at_decay: bool = False  # freeze the router when the decay phase starts
+    # micro_batch: the Switch loss balances each micro-batch's load (over data-parallel ranks); step:
+    # the load of the whole optimizer step, all micro-batches and ranks (global-batch balancing)
+    balance_scope: str = "micro_batch"
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
@@ -282,6 +293,30 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
         _check(self.device in DEVICE_CHOICES, f"{prefix}.device", self.device, f"one of {DEVICE_CHOICES}")
         _check(self.dtype in DTYPE_CHOICES, f"{prefix}.dtype", self.dtype, f"one of {DTYPE_CHOICES}")
+        _check(
+            self.balance_coupling in BALANCE_COUPLING_CHOICES,
+            f"{prefix}.balance_coupling",
+            self.balance_coupling,
+            f"one of {BALANCE_COUPLING_CHOICES}",
+        )
+        _check(
+            self.balance_scope in BALANCE_SCOPE_CHOICES,
+            f"{prefix}.balance_scope",
+            self.balance_scope,
+            f"one of {BALANCE_SCOPE_CHOICES}",
+        )
+        _check(
+            0 <= self.balance_warmup_steps <= self.max_steps,
+            f"{prefix}.balance_warmup_steps",
+            self.balance_warmup_steps,
+            f"an integer in [0, train.max_steps = {self.max_steps}]",
+        )
+        _check(
+            0 <= self.router_freeze_step <= self.max_steps,
+            f"{prefix}.router_freeze_step",
+            self.router_freeze_step,
+            f"an integer in [0, train.max_steps = {self.max_steps}] (0 = never)",
+        )
 
 
 @dataclass

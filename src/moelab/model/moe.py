@@ -153,6 +153,13 @@ class MoE(nn.Module):
         # that sums the slot counts over every data-parallel rank, so that the balancing loss sees the
         # load of the global batch as one process would. None (the default): this process's batch.
         self.reduce_slot_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Multiplies the Switch-loss coefficient and the bias update rate; the trainer sets it every
+        # step from the schedule (moelab.train.schedule.balance_scale).
+        self.balance_scale = 1.0
+        # Switch-loss load over the whole optimizer step (train.balance_scope = "step", Qwen's
+        # global-batch balancing) instead of the micro-batch; the trainer sets it and calls
+        # start_step before each optimizer step.
+        self.balance_over_step = False
         E = cfg.num_experts
         # Training statistics since the last read (non-persistent: never saved with the weights).
         self.register_buffer("stat_tokens_per_expert", torch.zeros(E), persistent=False)
@@ -160,6 +167,11 @@ class MoE(nn.Module):
         self.register_buffer("stat_scalars", torch.zeros(len(_STAT_NAMES)), persistent=False)
         # Expert load since the last bias update (aux-loss-free balancing).
         self.register_buffer("load_since_update", torch.zeros(E), persistent=False)
+        # The optimizer step so far (balance_over_step): slots per expert (over ranks), and the
+        # router probabilities summed over this process's tokens, and their count.
+        self.register_buffer("step_slots", torch.zeros(E), persistent=False)
+        self.register_buffer("step_prob_sum", torch.zeros(E), persistent=False)
+        self.register_buffer("step_tokens", torch.zeros(()), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output, auxiliary balancing loss); the loss is None outside training."""
@@ -183,19 +195,48 @@ class MoE(nn.Module):
     def _aux_loss(self, routing: Routing) -> torch.Tensor:
         cfg = self.cfg
         loss = routing.logits_TE.new_zeros(())
-        if cfg.aux_loss_coef > 0 and cfg.routing == "token_choice":
+        if cfg.aux_loss_coef > 0 and cfg.routing == "token_choice" and self.balance_scale > 0:
             # Switch Transformer: E * sum_e f_e * P_e, f_e = share of slots routed to e (no gradient),
             # P_e = mean router probability of e. Minimised (value 1) by uniform routing.
             slots_E = routing.slots_per_expert_E
             if self.reduce_slot_counts is not None:
                 slots_E = self.reduce_slot_counts(slots_E)  # (distributed) load of the global batch
+            if self.balance_over_step:
+                # NOTE: the load of the step so far: micro-batch m is balanced against the slots of
+                # micro-batches 1..m (the last one against the whole step's). An exact gradient would
+                # need every micro-batch's load before the first backward; the value is exact
+                # (step_balance_loss).
+                with torch.no_grad():
+                    self.step_slots += slots_E
+                    self.step_prob_sum += routing.probs_TE.sum(0)
+                    self.step_tokens += routing.probs_TE.shape[0]
+                slots_E = self.step_slots
             slot_share_E = slots_E.float() / slots_E.sum().clamp_min(1)
             mean_prob_E = routing.probs_TE.mean(0)
-            loss = loss + cfg.aux_loss_coef * cfg.num_experts * (slot_share_E * mean_prob_E).sum()
+            coef = cfg.aux_loss_coef * self.balance_scale
+            loss = loss + coef * cfg.num_experts * (slot_share_E * mean_prob_E).sum()
         if cfg.z_loss_coef > 0:
             # ST-MoE router z-loss: keeps logits small so softmax stays well conditioned.
             loss = loss + cfg.z_loss_coef * torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
         return loss
+
+    def start_step(self) -> None:
+        """A new optimizer step: forget the step-level balancing load."""
+        self.step_slots.zero_()
+        self.step_prob_sum.zero_()
+        self.step_tokens.zero_()
+
+    @torch.no_grad()
+    def step_balance_loss(self) -> float:
+        """The Switch loss of the optimizer step so far (balance_over_step), as one forward over all
+        its micro-batches would compute it: E * sum_e f_e * P_e with the step's slot shares f (over
+        ranks) and this process's mean router probabilities P (the mean over ranks of this value is
+        the global one), times the coefficient and balance_scale."""
+        cfg = self.cfg
+        share_E = self.step_slots / self.step_slots.sum().clamp_min(1)
+        mean_prob_E = self.step_prob_sum / self.step_tokens.clamp_min(1)
+        coef = cfg.aux_loss_coef * self.balance_scale
+        return float(coef * cfg.num_experts * (share_E * mean_prob_E).sum())
 
     @torch.no_grad()
     def _record(self, routing: Routing, num_tokens: int) -> None:
@@ -253,8 +294,9 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """One aux-loss-free balancing step (DeepSeek-V3), called after each optimizer step:
-        raise the bias of under-loaded experts and lower it for over-loaded ones by the update rate."""
-        rate = self.cfg.bias_update_rate
+        raise the bias of under-loaded experts and lower it for over-loaded ones by the update rate
+        (times balance_scale)."""
+        rate = self.cfg.bias_update_rate * self.balance_scale
         if rate > 0 and self.load_since_update.sum() > 0:
             load_E = self.load_since_update
             bias_E = self.router.expert_bias

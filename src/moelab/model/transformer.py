@@ -240,6 +240,22 @@ class Transformer(nn.Module):
         """Per-layer router statistics since the last reset, keyed by layer index."""
         return {i: b.ffn.read_stats(reset) for i, b in enumerate(self.blocks) if b.is_moe}
 
+    def start_step(self, balance_over_step: bool) -> None:
+        """Before each optimizer step: whether the Switch loss balances the whole step's load
+        (train.balance_scope = "step") rather than each micro-batch's, and a fresh count of it."""
+        for moe in self.moe_layers():
+            moe.balance_over_step = balance_over_step
+            moe.start_step()
+
+    def step_balance_loss(self) -> float:
+        """The step's Switch loss summed over MoE layers (balance_over_step)."""
+        return sum(moe.step_balance_loss() for moe in self.moe_layers())
+
+    def set_balance_scale(self, scale: float) -> None:
+        """The factor on every MoE layer's Switch-loss coefficient and bias update rate."""
+        for moe in self.moe_layers():
+            moe.balance_scale = scale
+
     def update_router_biases(self) -> None:
         for moe in self.moe_layers():
             moe.update_bias()

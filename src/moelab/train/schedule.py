@@ -30,6 +30,43 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return peak + (floor - peak) * progress
 
 
+def decay_start(cfg: TrainConfig) -> int | None:
+    """The first step of the decay phase: WSD's decay, and for cosine the last decay_fraction of
+    the steps (its learning rate falls throughout; this is where it has fallen the most); None for
+    a constant schedule."""
+    if cfg.schedule == "constant":
+        return None
+    total = max(cfg.max_steps, cfg.warmup_steps + 1)
+    return total - max(1, round(cfg.decay_fraction * total))
+
+
+def router_frozen(step: int, cfg: TrainConfig) -> bool:
+    """Whether optimizer step `step` (0-based) leaves the router's weights and biases unchanged."""
+    if cfg.router_freeze_step and step >= cfg.router_freeze_step:
+        return True
+    start = decay_start(cfg)
+    return cfg.router_freeze_at_decay and start is not None and step >= start
+
+
+def balance_scale(step: int, cfg: TrainConfig) -> float:
+    """The factor on the Switch-loss coefficient and the bias update rate at optimizer step `step`:
+    train.balance_warmup_steps ramps it up from 0; train.balance_coupling "lr" follows the learning
+    rate (lr / peak lr), "stop_at_decay" is 0 from the decay phase on; a frozen router balances
+    nothing (0), since it can no longer move the load."""
+    if router_frozen(step, cfg):
+        return 0.0
+    scale = 1.0
+    if cfg.balance_warmup_steps and step < cfg.balance_warmup_steps:
+        scale = (step + 1) / cfg.balance_warmup_steps
+    if cfg.balance_coupling == "lr":
+        scale *= learning_rate(step, cfg) / cfg.lr
+    elif cfg.balance_coupling == "stop_at_decay":
+        start = decay_start(cfg)
+        if start is not None and step >= start:
+            scale = 0.0
+    return scale
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (and stacked expert tensors), none on norms.
 

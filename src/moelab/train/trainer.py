@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ from moelab.train.metrics_log import IntervalTotals, MetricsLog
 from moelab.train.monitor import Alert
 from moelab.train.progress import ProgressBar, format_count, format_duration
 from moelab.train.runtime import runtime_for
-from moelab.train.schedule import build_optimizer, learning_rate, set_learning_rate
+from moelab.train.schedule import (
+    balance_scale,
+    build_optimizer,
+    learning_rate,
+    router_frozen,
+    set_learning_rate,
+)
 
 # (model, tokenizer, tokens, seed) -> a short text sample drawn at the end of a run
 Sampler = Callable[[Transformer, TextTokenizer, int, int], str]
@@ -79,6 +85,7 @@ class StepOutcome:
     seconds: float
     health: dict[int, LayerHealth]
     alert: Alert | None
+    extra: dict[str, float] = field(default_factory=dict)  # logged with the interval (balance_loss)
 
 
 class Trainer:
@@ -243,7 +250,12 @@ class Trainer:
         cfg = self.cfg.train
         t0 = time.perf_counter()
         set_learning_rate(self.optimizer, learning_rate(self.step, cfg))
+        self.model.set_balance_scale(balance_scale(self.step, cfg))
+        self.model.start_step(balance_over_step=cfg.balance_scope == "step")
         loss, aux = self._forward_backward()
+        if router_frozen(self.step, cfg):
+            for moe in self.model.moe_layers():
+                moe.router.weight.grad = None  # AdamW skips a parameter without a gradient: no update, no decay
         grad_norm = self.runtime.clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         alert = self.monitor.check_step(self.step + 1, loss, grad_norm)
         if alert is not None:
@@ -254,12 +266,16 @@ class Trainer:
         # (distributed) statistics of the global batch, experts gathered; after the backward and
         # before the update, so that gradient norms are what the optimizer applies
         health = self.runtime.router_health(self.model, self.cfg.monitor.expert_similarity) if log_now else {}
+        if log_now and cfg.balance_scope == "step":  # (distributed) the mean over ranks is the global value
+            interval_extra = {"balance_loss": self.runtime.mean(self.model.step_balance_loss())[0]}
+        else:
+            interval_extra = {}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.runtime.update_router_biases(self.model)  # (distributed) the update the global load calls for
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StepOutcome(loss, aux, grad_norm, time.perf_counter() - t0, health, None)
+        return StepOutcome(loss, aux, grad_norm, time.perf_counter() - t0, health, None, interval_extra)
 
     def _interval_record(self, interval: IntervalTotals, grad_norm: float) -> dict[str, Any]:
         c = self.counters
@@ -270,16 +286,30 @@ class Trainer:
             "loss": interval.loss / interval.steps,
             "aux_loss": interval.aux / interval.steps,
             "lr": learning_rate(c.step - 1, self.cfg.train),
+            **self._balance_fields(c.step - 1),
             "grad_norm": grad_norm,
             "tokens_per_s": interval.tokens_per_s,
             "train_s": round(c.train_s, 3),
             "elapsed_s": round(c.wall_s, 3),
         }
 
+    def _balance_fields(self, step: int) -> dict[str, Any]:
+        """The balancing factor and router freeze of `step`, logged when a run uses them."""
+        cfg = self.cfg.train
+        if self.cfg.model.moe is None or (
+            cfg.balance_coupling == "none"
+            and not cfg.balance_warmup_steps
+            and not cfg.router_freeze_step
+            and not cfg.router_freeze_at_decay
+        ):
+            return {}
+        return {"balance_scale": balance_scale(step, cfg), "router_frozen": router_frozen(step, cfg)}
+
     def _log_interval(self, interval: IntervalTotals, outcome: StepOutcome) -> Alert | None:
         """Write the interval's metrics (router health completed by the monitor's layer rules) and
         its alerts; the first alert that stops or rolls back, if any."""
         record = self._interval_record(interval, outcome.grad_norm)
+        record.update(outcome.extra)
         alerts = self.monitor.check_interval(self.step, record["loss"], outcome.grad_norm, outcome.health, record)
         record.update(health_to_metrics(outcome.health))
         self.metrics.write(record)

@@ -1,0 +1,168 @@
+"""The recipe study of docs/recipe.md: which change to the default MoE recipe closes the decay-phase
+gap to its dense twin. Each factor is changed alone against the default.
+
+Stage 1, screen (one seed): the default `small-moe` at the budget where the flip appeared (the
+default's tokens with half the batch and twice the steps, WSD: 16 x 800), the learning rate the
+tuned comparison chose for every arm at half this budget (3e-3), seed 0; one MoE run per factor. Finished runs are reused, so the screen resumes
+where it stopped; `--only` trains a subset (run two shells with OMP_NUM_THREADS=1 to use both cores).
+
+    python benchmarks/recipe_study.py screen [--only NAME,...] [--out runs/recipe-screen]
+    python benchmarks/recipe_study.py table [--out runs/recipe-screen] [--json docs/results/recipe-screen.json]
+
+Stage 2, confirm: the factors that beat the default by more than the seed spread, each as a tuned,
+seeded comparison against the dense twin (`moelab compare --tune --seeds 3`) at both budgets;
+`confirm` prints those commands for the chosen factors.
+
+    python benchmarks/recipe_study.py confirm --factors NAME,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from moelab.analysis.runs import train_or_reuse  # noqa: E402
+from moelab.config import load_config  # noqa: E402
+from moelab.rundir import RunDir  # noqa: E402
+
+# The flip's recipe (docs/recipe.md): the default tokens (3,276,800 = 16 x 256 x 800), WSD.
+BASE = [
+    "train.batch_size=16",
+    "train.schedule=wsd",
+    "train.max_steps=800",
+    "train.lr=3e-3",
+    "train.eval_every=50",
+    "train.sample_tokens=0",
+    "train.seed=0",
+]
+
+# name -> (what changes, overrides on top of BASE)
+FACTORS: dict[str, tuple[str, list[str]]] = {
+    "default": ("the small-moe preset as it is", []),
+    "dense": ("its dense twin (same active compute)", ["@dense"]),
+    "coupling-lr": ("Switch coefficient and bias rate follow the learning rate", ["train.balance_coupling=lr"]),
+    "coupling-stop": ("balancing off in the decay phase", ["train.balance_coupling=stop_at_decay"]),
+    "freeze-at-decay": ("router frozen when the decay starts", ["train.router_freeze_at_decay=true"]),
+    "aux-0.001": ("Switch coefficient 0.01 -> 0.001", ["model.moe.aux_loss_coef=0.001"]),
+    "aux-free": (
+        "no Switch loss; bias balancing (DeepSeek-V3) at rate 1e-3",
+        ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=0.001"],
+    ),
+    "expert-lr-2x": ("router and routed experts at twice the learning rate", ["model.moe.lr_scale=2.0"]),
+    "no-shared": ("no shared expert", ["model.moe.num_shared_experts=0"]),
+    "coarse-16x2": (
+        "coarser experts: E=16, k=2, I=192 (same active expert width as 6 x 64, half the total)",
+        ["model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.expert_hidden=192", "model.moe.route_scale=2.0"],
+    ),
+}
+
+
+def factor_config(name: str):
+    overrides = [o for o in FACTORS[name][1] if not o.startswith("@")]
+    cfg = load_config(preset="small-moe", overrides=BASE + overrides)
+    if "@dense" in FACTORS[name][1]:
+        from moelab.analysis.compare import dense_twin
+
+        cfg = dense_twin(cfg)
+    return cfg
+
+
+def screen(out: Path, only: list[str] | None) -> None:
+    for name in only or list(FACTORS):
+        if name not in FACTORS:
+            raise SystemExit(f"unknown factor {name!r}; known: {', '.join(FACTORS)}")
+        train_or_reuse(name, factor_config(name), out / name, log=print, progress=False)
+
+
+def final_loss(run: Path) -> tuple[float | None, float | None]:
+    """(final validation loss, wall seconds) of a finished run, else (None, None)."""
+    summary = RunDir(run).read_summary()
+    if summary is None:
+        return None, None
+    return summary["val_loss"], summary.get("wall_s")
+
+
+def decay_gain(run: Path, cfg) -> float | None:
+    """Validation loss just before the WSD decay minus the final one: what the decay phase bought."""
+    from moelab.train.schedule import decay_start
+
+    start = decay_start(cfg.train)
+    rows = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
+    before = [r["val_loss"] for r in rows if r["step"] <= start]
+    return (before[-1] - rows[-1]["val_loss"]) if before and rows else None
+
+
+def table(out: Path, json_path: Path | None) -> None:
+    base, _ = final_loss(out / "default")
+    dense, _ = final_loss(out / "dense")
+    rows = []
+    for name, (what, overrides) in FACTORS.items():
+        loss, wall = final_loss(out / name)
+        if loss is None:
+            continue
+        cfg = factor_config(name)
+        rows.append(
+            {
+                "factor": name,
+                "what": what,
+                "overrides": overrides,
+                "val_loss": loss,
+                "vs_default": None if base is None else loss - base,
+                "vs_dense": None if dense is None else loss - dense,
+                "decay_gain": decay_gain(out / name, cfg),
+                "wall_s": wall,
+            }
+        )
+    print("| factor | change | final val loss | vs default | vs dense | decay-phase gain | wall min |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+
+    def fmt(v, spec="+.4f"):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    for r in rows:
+        print(
+            f"| {r['factor']} | {r['what']} | {r['val_loss']:.4f} | {fmt(r['vs_default'])} | {fmt(r['vs_dense'])} | "
+            f"{fmt(r['decay_gain'], '.4f')} | {fmt((r['wall_s'] or 0) / 60, '.1f')} |"
+        )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(
+            json.dumps({"base_overrides": BASE, "preset": "small-moe", "seed": 0, "rows": rows}, indent=1) + "\n"
+        )
+        print(f"wrote {json_path}")
+
+
+def confirm(factors: list[str]) -> None:
+    for name in factors:
+        sets = " ".join(f"--set {o}" for o in FACTORS[name][1] if not o.startswith("@"))
+        for budget, extra in (("default", ""), ("flip", "--set train.batch_size=16 --set train.schedule=wsd ")):
+            print(
+                f"moelab compare {extra}{sets} --tune lr=1.5e-3,3e-3,6e-3 --tune-fraction 0.5 --seeds 3 "
+                f"--out runs/recipe/{name}-{budget}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["screen", "table", "confirm"])
+    ap.add_argument("--only", default="", help="comma-separated factors (screen)")
+    ap.add_argument("--factors", default="", help="comma-separated factors (confirm)")
+    ap.add_argument("--out", default="runs/recipe-screen")
+    ap.add_argument("--json", default="docs/results/recipe-screen.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.stage == "screen":
+        screen(out, [n for n in args.only.split(",") if n] or None)
+    elif args.stage == "table":
+        table(out, Path(args.json) if args.json else None)
+    else:
+        confirm([n for n in args.factors.split(",") if n])
+
+
+if __name__ == "__main__":
+    main()
