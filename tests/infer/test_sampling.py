@@ -124,3 +124,14 @@ def test_rounding_level_differences_do_not_change_a_draw() -> None:
     clean = sample_rows(logits_V.expand(len(uniform), -1), params, uniform)
     noisy = sample_rows(noisy_V.expand(len(uniform), -1), params, uniform)
     assert sum(a != b for a, b in zip(clean, noisy)) <= 2
+
+
+@pytest.mark.parametrize("top_p", [1e-320, 1e-45, 1e-9])
+def test_a_top_p_below_float32_range_keeps_the_most_likely_token(top_p) -> None:
+    """1e-320 rounds to 0 in float32: the nucleus is still the best token, not an empty set (which
+    once made the sampler return the last token of the vocabulary)."""
+    logits = torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=1.0, top_p=top_p)] * 4
+    assert sample_rows(logits, params, [0.0, 0.3, 0.7, 0.999]) == logits.argmax(-1).tolist()
+    kept = filter_logits(logits[:1], params[0])[0]
+    assert torch.isfinite(kept).sum() == 1 and int(kept.argmax()) == int(logits[0].argmax())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from moelab.cli.common import add_sampling_flags, sampling_params
 from moelab.errors import MoelabError
 
 API_KEY_ENV = "MOELAB_API_KEY"
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # as moelab.infer.server's (not imported: the CLI starts without FastAPI)
+DEFAULT_MAX_CONNECTIONS = 256
 
 
 def _engine_config(args: argparse.Namespace):
@@ -65,6 +68,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MoelabError(f"--port {args.port} is not allowed: 0 (any free port) to 65535")
     if args.max_body_bytes < 1024:
         raise MoelabError(f"--max-body-bytes {args.max_body_bytes} is not allowed: at least 1024")
+    if not (math.isfinite(args.timeout_keep_alive) and args.timeout_keep_alive > 0):
+        raise MoelabError(f"--timeout-keep-alive {args.timeout_keep_alive:g} is not allowed: a number of seconds > 0")
+    if args.max_connections < 1:
+        raise MoelabError(f"--max-connections {args.max_connections} is not allowed: an integer >= 1")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         raise MoelabError(f"the API key (--api-key or ${API_KEY_ENV}) is empty; give a key or leave both unset")
@@ -86,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(lambda: load_servable(checkpoint, args.device), settings, stop_on_load_error)
-    server = uvicorn_server(app, args.host, args.port, args.log_level)
+    server = uvicorn_server(app, args.host, args.port, args.log_level, args.timeout_keep_alive, args.max_connections)
     port = sock.getsockname()[1]
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
     auth = "Bearer key required" if api_key else "no API key"
@@ -234,6 +241,21 @@ def register(sub, command) -> None:
     )
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory's name)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+        metavar="S",
+        help="close a connection that has not sent a whole request S seconds after it opened or after its last "
+        f"answer, or whose body pauses longer (default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"open connections served; beyond them a request gets 503 (default {DEFAULT_MAX_CONNECTIONS})",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument(

@@ -2,6 +2,9 @@
 bodies, and the error shape {"error": {"message", "type", "param", "code"}}.
 
 Checks here need no model; token counts and the context window are checked by the server.
+Every string of a body (values and field names) must be valid Unicode: JSON may escape a lone
+surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder accepts, so `check_text` answers 400
+naming the field before any other check reads the body.
 """
 
 from __future__ import annotations
@@ -112,9 +115,57 @@ def _unsupported(body: dict, name: str, is_default) -> None:
         raise bad_request(f"{name} = {body[name]!r} is not supported by this server", name, "unsupported_parameter")
 
 
+def check_text(body: Any) -> None:
+    """400 naming the first string of the body, in document order, that is not valid Unicode: a
+    value (param e.g. `messages[1].content`) or a field name (param: the object holding it)."""
+    # NOTE: json.loads turns a \ud800 escape, and the UTF-8-style bytes ED A0 80 (it decodes bytes
+    # with "surrogatepass"), into a str holding a lone surrogate; walked without recursion, as deep
+    # as json.loads allows; the path of a string is built only if it is reported.
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value, path)
+        elif isinstance(value, dict):
+            for key in value:
+                _check_unicode(key, path, field_name=True)
+            stack.extend((v, (path, k)) for k, v in reversed(value.items()) if isinstance(v, str | dict | list))
+        elif isinstance(value, list):
+            children = [(v, (path, i)) for i, v in enumerate(value) if isinstance(v, str | dict | list)]
+            stack.extend(reversed(children))
+
+
+def _check_unicode(text: str, path: tuple, field_name: bool = False) -> None:
+    if text.isascii():  # O(1) in CPython
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        param = _param(path)
+        where = f"a field name in {param or 'the request body'}" if field_name else param
+        raise bad_request(
+            f"{where} is not valid Unicode: character {exc.start} is the lone surrogate "
+            f"U+{ord(text[exc.start]):04X}; text must be Unicode scalar values (surrogates only as pairs)",
+            param,
+        ) from None
+
+
+def _param(path: tuple) -> str | None:
+    """("messages", 1, "content") as nested pairs -> "messages[1].content"; () -> None."""
+    keys = []
+    while path:
+        path, key = path
+        keys.append(key)
+    if not keys:
+        return None
+    keys.reverse()
+    return keys[0] + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[1:])
+
+
 def _shared(body: Any, allowed: set[str], max_choices: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    check_text(body)
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unrecognized_argument")

@@ -52,7 +52,8 @@ def _sorted_probs(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> 
     probs_BV = torch.softmax(sorted_BV, dim=-1)
     mass_above_BV = torch.cumsum(probs_BV, dim=-1) - probs_BV  # probability of the better tokens
     # NOTE: top_p = 1 must keep everything, even where the running sum rounds up to 1 early.
-    outside_BV = (mass_above_BV >= top_p_B[:, None]) & (top_p_B[:, None] < 1)  # never the first token
+    # NOTE: the first token always stays, also for a top_p that rounds to 0 in float32 (1e-320).
+    outside_BV = (mass_above_BV >= top_p_B[:, None]) & (top_p_B[:, None] < 1) & (rank_V[None] > 0)
     probs_BV = probs_BV.masked_fill(outside_BV, 0.0)
     return probs_BV / probs_BV.sum(-1, keepdim=True), order_BV
 

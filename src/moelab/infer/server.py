@@ -8,6 +8,10 @@ answered in OpenAI's shape with its status, and the server keeps serving.
 Routes: GET /health (open), GET /metrics, GET /v1/models, GET /v1/models/{id},
 POST /v1/completions, POST /v1/chat/completions. With an API key, all but /health need the header
 `Authorization: Bearer <key>`.
+
+Connections (uvicorn_server): a request must arrive within the keep-alive timeout, and beyond
+max_connections open connections a new request gets uvicorn's 503. A client that leaves before
+its request is whole is answered 499 (never sent; counted in the metrics) and logged in one line.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -25,12 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from moelab.data.tokenizer import TextTokenizer
 from moelab.infer import protocol as wire
@@ -54,6 +62,9 @@ from moelab.model import Transformer
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # uvicorn's default
+DEFAULT_MAX_CONNECTIONS = 256
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; never sent, seen in logs and metrics
 
 
 @dataclass(frozen=True)
@@ -393,7 +404,7 @@ async def _respond(
             collect.cancel()
         sub.close()
     if not collect.done() or collect.cancelled():
-        return Response(status_code=499)  # nobody is listening; the status only reaches the logs
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
     texts, reasons, finished = collect.result()
     use = wire.usage(finished.prompt_tokens, finished.completion_tokens)
     build = wire.chat_response if chat else wire.completion_response
@@ -496,6 +507,13 @@ def _add_error_handlers(app: FastAPI) -> None:
             exc.headers,
         )
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: HTTPRequest, exc: ClientDisconnect) -> Response:
+        # NOTE: raised while reading the body when the client closed the connection, or the
+        # connection timed out (_H11Protocol): the client's doing, so no 500 and no traceback
+        log.info("%s %s: the client left before sending its whole request", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
         return answer(400, f"invalid request: {exc.errors()}", "invalid_request_error")
@@ -557,18 +575,110 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for the app; run it with server.run(sockets=[bind(host, port)])."""
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+class _H11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request to arrive: its request line
+    and headers within timeout_keep_alive seconds (however slowly their bytes trickle in), and its
+    body with no pause longer than that. A connection that misses it is closed without an answer.
+
+    NOTE: uvicorn (0.54) arms timeout_keep_alive only after a response, so a connection that
+    never completed a request (nothing sent, half a request line, headers without their end, a
+    body cut short) stayed open for ever; no uvicorn setting bounds it. This uses that setting's
+    value, and h11 only: uvicorn would pick httptools if installed, which has the same gap."""
+
+    _request_timer: asyncio.TimerHandle | None = None
+    _awaiting: str | None = None  # "headers" or "body" while the timer runs
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch_request()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_request_timer()
+        super().connection_lost(exc)
+
+    def _watch_request(self) -> None:
+        state = self.conn.their_state
+        awaiting = None
+        if not self.transport.is_closing() and state in (h11.IDLE, h11.SEND_BODY):
+            awaiting = "headers" if state is h11.IDLE else "body"
+        if awaiting == "headers" and self._awaiting == "headers":
+            return  # bytes of the headers do not move their deadline
+        self._stop_request_timer()
+        if awaiting is not None:
+            self._awaiting = awaiting
+            self._request_timer = self.loop.call_later(self.timeout_keep_alive, self._request_timed_out)
+
+    def _stop_request_timer(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+        self._request_timer, self._awaiting = None, None
+
+    def _request_timed_out(self) -> None:
+        client = "%s:%d" % self.client if self.client else "a client"
+        log.debug(
+            "closing the connection of %s: no whole request %s within %gs",
+            client,
+            self._awaiting,
+            self.timeout_keep_alive,
+        )
+        self._request_timer, self._awaiting = None, None
+        self.transport.close()
+
+
+def uvicorn_server(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+) -> uvicorn.Server:
+    """A uvicorn server for the app; run it with server.run(sockets=[bind(host, port)]).
+
+    timeout_keep_alive: seconds a connection may wait for its next request, and the deadline for
+    a request to arrive (_H11Protocol). max_connections: open connections served; with more, a
+    new request gets uvicorn's 503 (None: no limit). Raises ValueError for values out of range."""
+    if not (math.isfinite(timeout_keep_alive) and timeout_keep_alive > 0):
+        raise ValueError(f"timeout_keep_alive = {timeout_keep_alive} is not allowed: a number of seconds > 0")
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections = {max_connections} is not allowed: an integer >= 1")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=_H11Protocol,
+        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # uvicorn says int; call_later takes a float
+        # NOTE: uvicorn answers 503 once the open connections, the new one included, reach
+        # limit_concurrency: N + 1 serves N
+        limit_concurrency=None if max_connections is None else max_connections + 1,
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
 
 
 class BackgroundServer:
     """The app served by uvicorn on a thread, on a free localhost port (tests and benchmarks)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", log_level: str = "warning"):
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        log_level: str = "warning",
+        timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+    ):
         self.sock = bind(host, 0)
         self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn_server(app, host, self.port, log_level)
+        self.server = uvicorn_server(app, host, self.port, log_level, timeout_keep_alive, max_connections)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, name="moelab-uvicorn", daemon=True
         )
