@@ -126,3 +126,28 @@ def test_generate_bad_input(capsys, tiny_run, tmp_path) -> None:
     assert_usage_error(code, err, "not a moelab run directory")
     code, _, err = run_cli(capsys, "generate", str(tiny_run), "--prompt", "x" * 500)
     assert_usage_error(code, err, "context window is 64")
+
+
+def test_eval_refuses_non_positive_batch_settings(capsys, tiny_run) -> None:
+    code, _, err = run_cli(capsys, "eval", str(tiny_run), "--batch-size", "0")
+    assert_usage_error(code, err, "--batch-size 0", ">= 1")
+    code, _, err = run_cli(capsys, "eval", str(tiny_run), "--batches", "-2")
+    assert_usage_error(code, err, "--batches -2", ">= 0")
+
+
+def test_forecast_refuses_non_finite_targets(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "forecast", *TINY, "--target-tokens", "inf", "--out", str(tmp_path / "f"))
+    assert_usage_error(code, err, "--target-tokens inf", "finite")
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_run_that_ends_in_a_non_finite_loss_exits_non_zero(capsys, tmp_path) -> None:
+    """An initialisation beyond float32 (inf weights): every loss is NaN; the monitor stops the
+    run, which still ends with a checkpoint, and the command says so and exits 1."""
+    out = tmp_path / "nan"
+    code, stdout, err = run_cli(
+        capsys, "train", *TINY, "--set", "model.init_std=1e39", "--set", "train.max_steps=6", "--out", str(out)
+    )
+    assert code == 1, (stdout, err)
+    assert "non-finite validation loss" in err and "moelab diagnose" in err
+    assert (out / "summary.json").is_file() and list((out / "checkpoints").iterdir())

@@ -71,3 +71,20 @@ def test_toml_round_trip(tmp_path) -> None:
     path.write_text(cfg.to_toml())
     again = load_config(path)
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "train.weight_decay=inf",
+        "model.init_std=inf",
+        "model.rope_theta=inf",
+        "train.lr=nan",
+        "monitor.spike_sigma=-inf",
+    ],
+)
+def test_non_finite_numbers_are_refused_for_every_field(setting) -> None:
+    field = setting.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="tiny", overrides=[setting])
+    assert field in str(err.value) and "a finite number" in str(err.value)

@@ -140,24 +140,71 @@ def save_checkpoint(
     return final
 
 
+def manifest_problem(manifest: Any, directory_step: int | None) -> str | None:
+    """What is wrong with a parsed manifest, or None: a JSON object whose integer `step` is the
+    directory's and whose `files` name the weights and the trainer state, each with a sha256 (64 hex
+    digits) and a byte count (an integer >= 0)."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"has no integer step (got {step!r})"
+    if directory_step is not None and step != directory_step:
+        return f"says step {step} but its directory is step {directory_step}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "has no files table"
+    for name in (MODEL_FILE, TRAINER_FILE):
+        if name not in files:
+            return f"lists no {name}"
+    for name, info in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            return f"names a file outside the checkpoint ({name!r})"
+        if not isinstance(info, dict):
+            return f"has a malformed entry for {name}"
+        digest, size = info.get("sha256"), info.get("bytes")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            return f"has no sha256 for {name}"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"has no byte count for {name}"
+    return None
+
+
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check the manifest and every file's hash; return the manifest or raise naming the file."""
+    """Check the manifest (its schema: `manifest_problem`) and every file's size and hash; return the
+    manifest or raise CheckpointError naming the file."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is damaged: {manifest_path} is not a valid manifest") from None
-    for name, info in files.items():
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+        raise CheckpointError(f"checkpoint {path} is damaged: {manifest_path} is not valid UTF-8 JSON") from None
+    digits = path.name[len(PREFIX) :]
+    problem = manifest_problem(manifest, int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {manifest_path} {problem}")
+    for name, info in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {file} is missing")
         if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {file} does not match its sha256 in the manifest")
     return manifest
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the hidden folders a checkpoint write killed midway left in <run>/checkpoints
+    (`.tmp-step_*`, `.old-step_*`); returns what was removed. Call it only while no process writes
+    checkpoints into this run (at the start of training)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-" + PREFIX, ".old-" + PREFIX))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def describe_fallback(run_dir: Path, bad: Path) -> str:
@@ -174,7 +221,36 @@ def describe_fallback(run_dir: Path, bad: Path) -> str:
 
 
 def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify, then load weights into `model` and return the trainer state."""
+    """Verify, then load weights into `model` and return the trainer state. Any failure to read a
+    verified part (a file written by another version, a state that is not a dict) is the same
+    CheckpointError as a damaged file."""
     verify_checkpoint(path)
-    load_weights(model, Path(path) / MODEL_FILE)
-    return torch.load(Path(path) / TRAINER_FILE, map_location=map_location, weights_only=True)
+    return load_trainer_state(path, lambda: load_weights(model, Path(path) / MODEL_FILE), map_location)
+
+
+def load_trainer_state(path: Path, load_model_weights, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Run `load_model_weights`, then read trainer.pt (weights_only); every failure of either is a
+    CheckpointError naming the checkpoint (never a traceback suggesting weights_only=False)."""
+    path = Path(path)
+    try:
+        load_model_weights()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors, shape and key errors alike
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {path / MODEL_FILE}: {_first_line(exc)}") from None
+    try:
+        state = torch.load(path / TRAINER_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling refused or failed
+        # NOTE: not torch's message, which suggests weights_only=False: that would run code from the file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded: {path / TRAINER_FILE} is not a trainer state that loads "
+            f"safely ({type(exc).__name__})"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {path / TRAINER_FILE} holds no trainer state")
+    return state
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -403,6 +403,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "RunConfig":
+        _check_finite(self, "")
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -441,6 +442,18 @@ class RunConfig:
 def _check(ok: bool, field_name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(field_name, value, allowed)
+
+
+def _check_finite(section: object, prefix: str) -> None:
+    """Every number in a config is finite: inf or nan (TOML's `inf`, `nan`) is refused for every
+    field, before any rule of the field's own (so `weight_decay = inf` never reaches training)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, name + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), name, value, "a finite number")
 
 
 # ---------------------------------------------------------------------------------------------

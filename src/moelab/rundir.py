@@ -55,14 +55,22 @@ class RunDir:
             raise MoelabError(f"output path {self.path} is a file; give a directory for --out")
         if self.is_run():
             raise MoelabError(
-                f"output directory {self.path} holds another run already; continue it with --resume or choose another --out"
+                f"output directory {self.path} holds another run already; continue it with --resume (a run that "
+                "stopped before its first checkpoint starts again from step 0) or choose another --out"
             )
         if any(self.path.iterdir()):
             raise MoelabError(f"output directory {self.path} is not empty; choose a new or empty directory for --out")
 
-    def create(self, cfg: RunConfig) -> None:
-        """Make a new run directory; refuse one that holds another run or other files."""
-        self.check_free()
+    def create(self, cfg: RunConfig, replace_unstarted: bool = False) -> None:
+        """Make a new run directory; refuse one that holds another run or other files.
+
+        replace_unstarted: the directory holds a run that stopped before its first checkpoint
+        (`--resume` on it): its logs describe no kept step and go; config and files are rewritten."""
+        if replace_unstarted and self.is_run() and not self.checkpoints():
+            for path in (self.metrics_path, self.alerts_path, self.summary_path):
+                path.unlink(missing_ok=True)
+        else:
+            self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.config_path, cfg.to_toml())
 

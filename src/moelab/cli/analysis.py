@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from moelab.analysis.tuning import DEFAULT_FRACTION as TUNE_FRACTION_DEFAULT
@@ -131,8 +132,11 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         raise MoelabError("forecast needs an MoE config: its dense twin is derived at every width")
     widths = parse_int_list(args.widths, "--widths")  # model widths are integers: 64.5 is refused, not truncated
     tokens = _parse_floats(args.tokens, "--tokens")
-    if args.target_params <= 0 or args.target_tokens <= 0:
-        raise MoelabError("--target-params and --target-tokens must be > 0")
+    for flag, value in (("--target-params", args.target_params), ("--target-tokens", args.target_tokens)):
+        if not (math.isfinite(value) and value > 0):
+            raise MoelabError(f"{flag} {value} is not allowed: a finite number > 0")
+    if args.bootstrap < 1:
+        raise MoelabError(f"--bootstrap {args.bootstrap} is not allowed: bootstrap refits, an integer >= 1")
     holdout = parse_holdout(args.holdout, widths, tokens)
     out = Path(args.out) if args.out else Path("runs") / "forecast"
     points = run_ladder(base, widths, tokens, out, log=log_err, progress=not args.quiet)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "data", None):
         overrides.append(f"data.source={json.dumps(args.data)}")
     if getattr(args, "max_minutes", None) is not None:
-        if args.max_minutes <= 0:
+        if not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
             raise MoelabError(f"--max-minutes {args.max_minutes} is not allowed: a number of minutes > 0")
         overrides.append(f"train.max_minutes={args.max_minutes}")
     return overrides

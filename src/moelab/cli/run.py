@@ -73,6 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_result(result))
         if result.sample:
             print("sample: def " + result.sample)
+    if not math.isfinite(result.val_loss):
+        # NOTE: not a usage error (exit 2): the run diverged; its directory and checkpoints stay for diagnose
+        log_err(
+            f"moelab: error: the run ended with a non-finite validation loss ({result.val_loss}); "
+            f"see `moelab diagnose {result.run_dir}`"
+        )
+        return 1
     return 0
 
 
@@ -86,6 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.device import resolve_device
     from moelab.rundir import load_model
 
+    if args.batch_size < 1:
+        raise MoelabError(f"--batch-size {args.batch_size} is not allowed: sequences per batch, an integer >= 1")
+    if args.batches < 0:
+        raise MoelabError(f"--batches {args.batches} is not allowed: an integer >= 0 (0 = the whole validation split)")
     device = resolve_device(args.device)
     loaded = load_model(args.run, device)
     data_cfg = loaded.cfg.data

@@ -33,7 +33,7 @@ from torch import nn
 
 from moelab.checkpoint import (
     MODEL_FILE,
-    TRAINER_FILE,
+    load_trainer_state,
     model_state,
     save_checkpoint,
     verify_checkpoint,
@@ -193,7 +193,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, layout: Layout) -> dic
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from None
     model.load_state_dict(state, strict=False)
-    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    return load_trainer_state(path, lambda: None)  # weights loaded above
 
 
 def shard_optimizer_state(

@@ -286,6 +286,15 @@ class MoE(nn.Module):
             self.reset_stats()
         return stats
 
+    def stats_state(self) -> list[torch.Tensor]:
+        """The statistics accumulated since the last read, for a checkpoint taken inside a logging
+        interval (moelab.train.checkpointer): copies, on the CPU."""
+        return [t.detach().cpu().clone() for t in (self.stat_tokens_per_expert, self.stat_prob_sum, self.stat_scalars)]
+
+    def load_stats_state(self, state: list[torch.Tensor]) -> None:
+        for buffer, saved in zip((self.stat_tokens_per_expert, self.stat_prob_sum, self.stat_scalars), state):
+            buffer.copy_(saved)
+
     def reset_stats(self) -> None:
         self.stat_tokens_per_expert.zero_()
         self.stat_prob_sum.zero_()

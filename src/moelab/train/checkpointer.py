@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from moelab.data.loader import BatchLoader
 from moelab.errors import CheckpointError
 from moelab.model import Transformer
 from moelab.rundir import RunDir
+from moelab.train.metrics_log import IntervalTotals
 from moelab.train.monitor import Monitor
 from moelab.train.runtime import Runtime
 from moelab.train.schedule import build_optimizer
@@ -47,7 +48,12 @@ class Counters:
     train_s: float = 0.0  # time in training steps (no evaluation or checkpointing)
     wall_s: float = 0.0  # all time spent in this run, over every session
     last_val: float | None = None
+    last_val_step: int | None = None  # the step last_val was measured at (None: unknown, older checkpoints)
     nan_injected: bool = False  # the monitor.debug_nan_step hook has fired
+    alerts_total: int = 0
+    # The logging interval in progress: saved with the checkpoint, so that a resumed run's first
+    # metrics line averages the same steps as an uninterrupted run's.
+    interval: IntervalTotals = field(default_factory=IntervalTotals)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -56,7 +62,10 @@ class Counters:
             "train_s": self.train_s,
             "wall_s": self.wall_s,
             "last_val": -1.0 if self.last_val is None else self.last_val,
+            "last_val_step": -1 if self.last_val_step is None else self.last_val_step,
             "nan_injected": self.nan_injected,
+            "alerts_total": self.alerts_total,
+            "interval": asdict(self.interval),
         }
 
 
@@ -111,6 +120,8 @@ class Checkpointer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": json.dumps(random.getstate()),
             "monitor": self.monitor.state_dict(),
+            # the logging interval's router statistics so far (this process's; see restore)
+            "router_stats": [moe.stats_state() for moe in self.model.moe_layers()],
         }
         if self.runtime.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.runtime.device)
@@ -145,16 +156,27 @@ class Checkpointer:
         counters.step = int(state["step"])
         counters.tokens = int(state["tokens"])
         counters.last_val = None if state["last_val"] < 0 else float(state["last_val"])
+        last_val_step = int(state.get("last_val_step", -1))
+        counters.last_val_step = None if last_val_step < 0 else last_val_step
+        counters.interval = IntervalTotals()  # a rollback restarts the interval
         if not rollback:
+            counters.interval = IntervalTotals(**state.get("interval", {}))
+            counters.alerts_total = int(state.get("alerts_total", 0))
             counters.nan_injected = bool(state.get("nan_injected", False))
             counters.train_s = float(state["train_s"])
             counters.wall_s = float(state["wall_s"])
             rollbacks = self.monitor.rollbacks
             self.monitor.load_state_dict(state["monitor"])
             self.monitor.rollbacks = max(rollbacks, self.monitor.rollbacks)
-        for moe in self.model.moe_layers():
+        saved_stats = state.get("router_stats")
+        for i, moe in enumerate(self.model.moe_layers()):
             moe.reset_stats()
             moe.load_since_update.zero_()
+            # NOTE (distributed): each rank's statistics are its own and only rank 0's are saved, so
+            # a resume at another world size restarts them (the first line after it counts the
+            # steps since the checkpoint); one process resumes the interval as it was.
+            if not rollback and saved_stats is not None and self.runtime.world == 1 and i < len(saved_stats):
+                moe.load_stats_state(saved_stats[i])
 
     def fresh_state(self) -> dict[str, Any]:
         """The trainer state of a new run at step 0 (fresh optimizer, data order and RNG from

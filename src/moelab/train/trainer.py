@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moelab.checkpoint import list_checkpoints
+from moelab.checkpoint import list_checkpoints, remove_stale_temporaries
 from moelab.config import RunConfig
 from moelab.data.loader import BatchLoader, eval_batches
 from moelab.data.shards import TokenData, prepare_data
@@ -125,6 +125,9 @@ class Trainer:
         self.device = self.runtime.device
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
         self.metrics = MetricsLog(self.run, enabled=self.is_main)
+        if self.is_main and (stale := remove_stale_temporaries(self.run.path)):
+            self.log(f"removed {len(stale)} unfinished checkpoint write(s) from an earlier crash: {stale[0].name}")
+        self.restart_in_place = False  # a run that stopped before its first checkpoint starts again
         resume_from = self._resume_checkpoint(resume)
         self._prepare_data(resume_from)
         self._build_model()
@@ -142,7 +145,6 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
         self.counters = Counters()
-        self.alerts_total = 0
         if resume_from is not None:
             self.checkpointer.restore(resume_from, self.counters)
             self.log(f"resumed {self.run.path} from {resume_from.name} (step {self.step})")
@@ -165,7 +167,13 @@ class Trainer:
                 raise MoelabError(f"cannot resume: {self.run.path} is not a moelab run directory")
             checkpoints = self.runtime.broadcast(list_checkpoints(self.run.path))
             if not checkpoints:
-                raise MoelabError(f"cannot resume: run {self.run.path} has no checkpoint")
+                # NOTE: it stopped before its first checkpoint (written at step 0): nothing was
+                # trained, so it starts again from step 0 in the same directory.
+                self.log(
+                    f"run {self.run.path} has no checkpoint (it stopped before its first): starting it from step 0"
+                )
+                self.restart_in_place = True
+                return None
             return checkpoints[-1]
         path = Path(resume)
         if not path.is_dir():
@@ -195,7 +203,7 @@ class Trainer:
         self.eval_set = eval_batches(self.data.val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.eval_batches)
         if resume_from is None:
             if self.is_main:
-                self.run.create(cfg)
+                self.run.create(cfg, replace_unstarted=self.restart_in_place)
                 self.data.tokenizer.save(self.run.tokenizer_path)
                 write_atomic(self.run.data_path, json.dumps(self.data.meta, indent=1))
         elif self.run.load_tokenizer().to_json() != self.data.tokenizer.to_json():
@@ -323,7 +331,7 @@ class Trainer:
     # -- alerts ------------------------------------------------------------------------------
 
     def _record_alert(self, alert: Alert) -> None:
-        self.alerts_total += 1
+        self.counters.alerts_total += 1
         self.metrics.alert(alert, self.counters.tokens)
         self.bar.message(f"alert [{alert.rule} -> {alert.action}] {alert.message}")
 
@@ -386,7 +394,7 @@ class Trainer:
 
     def _eval_and_log(self) -> float:
         c = self.counters
-        c.last_val = val = self.evaluate()
+        c.last_val, c.last_val_step = (val := self.evaluate()), c.step
         self.metrics.write(
             {
                 "step": c.step,
@@ -420,6 +428,8 @@ class Trainer:
         evaluation and a checkpoint so the run can be resumed or served."""
         cfg, c = self.cfg.train, self.counters
         session_start, wall_at_start = time.perf_counter(), c.wall_s
+        if (finished := self._already_finished()) is not None:
+            return finished
         self.model.train()
         self._announce()
         # NOTE: also after resuming a weights-only checkpoint (step 0, never evaluated), so its
@@ -427,7 +437,6 @@ class Trainer:
         if c.step == 0 and (not self.checkpointer.list() or c.last_val is None):
             self._eval_and_log()
             self.checkpointer.save(c)  # a rollback target from the very start
-        interval = IntervalTotals()
         while (stopped_by := self._stop_reason(stop_at, wall_at_start, session_start)) is None:
             if self.step_hook is not None:
                 self.step_hook(self, c.step)
@@ -442,13 +451,13 @@ class Trainer:
                 c.step += 1
                 c.tokens += self.tokens_per_step
                 c.train_s += outcome.seconds
-                interval.add(outcome.loss, outcome.aux, outcome.seconds, self.tokens_per_step)
+                c.interval.add(outcome.loss, outcome.aux, outcome.seconds, self.tokens_per_step)
                 c.wall_s = wall_at_start + time.perf_counter() - session_start
                 if log_now:
-                    action = self._log_interval(interval, outcome)
-                    interval = IntervalTotals()
+                    action = self._log_interval(c.interval, outcome)
+                    c.interval = IntervalTotals()
             if action is not None or outcome.alert is not None:
-                interval = IntervalTotals()
+                c.interval = IntervalTotals()
                 if action is not None and self._act_on(action):
                     stopped_by = "monitor"
                     break
@@ -464,6 +473,16 @@ class Trainer:
         c.wall_s = wall_at_start + time.perf_counter() - session_start
         return self._finish(stopped_by)
 
+    def _already_finished(self) -> TrainResult | None:
+        """A resumed run that had already finished (its last step evaluated and checkpointed, its
+        summary written): the result as it was, with nothing evaluated, logged or written again."""
+        c = self.counters
+        summary = self.run.read_summary() if c.step >= self.cfg.train.max_steps else None
+        if summary is None or c.last_val_step != c.step or self.checkpointer.newest_step() != c.step:
+            return None
+        self.log(f"run {self.run.path} finished already at step {c.step}: nothing to do")
+        return TrainResult(**{name: summary[name] for name in TrainResult.__dataclass_fields__})
+
     def _announce(self) -> None:
         counts = param_counts(self.cfg.model)
         self.log(
@@ -476,7 +495,7 @@ class Trainer:
         """The closing evaluation and checkpoint (unless the last step had them), the sample and
         summary.json."""
         cfg, c = self.cfg.train, self.counters
-        if c.step % cfg.eval_every != 0 or c.last_val is None:
+        if c.last_val is None or c.last_val_step != c.step:
             self._eval_and_log()
         if self.checkpointer.newest_step() != c.step:
             self.checkpointer.save(c)
@@ -504,7 +523,7 @@ class Trainer:
             {
                 "params": param_counts(self.cfg.model).to_dict(),
                 "train_flops_per_token": self.flops_per_token,
-                "alerts": self.alerts_total,
+                "alerts": c.alerts_total,
                 "rollbacks": self.monitor.rollbacks,
                 "device": str(self.device),
                 "torch": torch.__version__,
