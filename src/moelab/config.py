@@ -24,6 +24,23 @@ PRESET_DIR = Path(__file__).parent / "presets"
 ROUTING_CHOICES = ("token_choice", "expert_choice")
 SCORING_CHOICES = ("softmax", "sigmoid")
 TOKENIZER_CHOICES = ("bpe", "bytes", "file")
+SIZE_CEILINGS = {  # ModelConfig fields
+    "vocab_size": 1 << 22,
+    "d_model": 1 << 16,
+    "n_layers": 1 << 10,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "ffn_hidden": 1 << 18,
+    "max_seq_len": 1 << 20,
+}
+MOE_SIZE_CEILINGS = {
+    "num_experts": 1 << 14,
+    "top_k": 1 << 10,
+    "expert_hidden": 1 << 18,
+    "num_shared_experts": 64,
+    "shared_expert_hidden": 1 << 18,
+}
 BALANCE_COUPLING_CHOICES = ("none", "lr", "stop_at_decay")
 BALANCE_SCOPE_CHOICES = ("micro_batch", "step")
 SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
@@ -60,6 +77,9 @@ class MoEConfig:
     first_dense: int = 0  # the first m layers keep a dense FFN (DeepSeek-MoE)
 
     def validate(self, prefix: str = "model.moe") -> None:
+        for name, ceiling in MOE_SIZE_CEILINGS.items():
+            value = getattr(self, name)
+            _check(value <= ceiling, f"{prefix}.{name}", value, f"at most {ceiling:,}")
         _check(self.num_experts >= 1, f"{prefix}.num_experts", self.num_experts, "an integer >= 1")
         _check(self.top_k >= 1, f"{prefix}.top_k", self.top_k, "an integer >= 1")
         if self.routing == "token_choice":
@@ -159,7 +179,12 @@ class ModelConfig:
         _check(self.max_seq_len >= 1, f"{prefix}.max_seq_len", self.max_seq_len, "an integer >= 1")
         _check(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "a number > 0")
         _check(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "a number > 0")
-        _check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a number > 0")
+        _check(0 < self.init_std <= 10, f"{prefix}.init_std", self.init_std, "a number in (0, 10]")
+        # NOTE: ceilings far above any model this tool trains, checked before anything is allocated
+        # (a config.json from elsewhere could otherwise plan terabytes); memory is checked after.
+        for name, ceiling in SIZE_CEILINGS.items():
+            value = getattr(self, name)
+            _check(value <= ceiling, f"{prefix}.{name}", value, f"at most {ceiling:,}")
         _check(self.qk_norm in QK_NORM_CHOICES, f"{prefix}.qk_norm", self.qk_norm, f"one of {QK_NORM_CHOICES}")
         if self.moe is not None:
             self.moe.validate(f"{prefix}.moe")
@@ -558,12 +583,16 @@ def preset_path(name: str) -> Path:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise MoelabError(f"config file {path} is a directory; give a .toml file or --preset NAME")
     if not path.is_file():
         raise MoelabError(f"config file {path} does not exist (give a .toml file or --preset NAME)")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MoelabError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:  # unreadable: permissions, a directory named like a file, I/O errors
+        raise MoelabError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

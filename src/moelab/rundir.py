@@ -48,8 +48,14 @@ class RunDir:
         return self.config_path.is_file()
 
     def check_free(self) -> None:
-        """Refuse a path that is a file, holds another run, or holds other files (absent is free)."""
+        """Refuse a path that is a file, lies below a file, holds another run, or holds other files
+        (absent is free)."""
         if not self.path.exists():
+            existing = next((p for p in self.path.parents if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                raise MoelabError(
+                    f"output path {self.path} lies below {existing}, which is a file; give a directory for --out"
+                )
             return
         if not self.path.is_dir():
             raise MoelabError(f"output path {self.path} is a file; give a directory for --out")
@@ -71,7 +77,10 @@ class RunDir:
                 path.unlink(missing_ok=True)
         else:
             self.check_free()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MoelabError(f"cannot create the run directory {self.path}: {exc.strerror}") from None
         write_atomic(self.config_path, cfg.to_toml())
 
     def load_config(self) -> RunConfig:

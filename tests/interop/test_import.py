@@ -279,3 +279,27 @@ def test_imported_model_evaluates_and_fine_tunes_with_its_own_tokenizer(transfor
     assert main(["eval", run, "--json", "--batches", "2"]) == 0
     after = json.loads(capsys.readouterr().out)["val_loss"]
     assert after < before - 0.5
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"vocab_size": 10**9}, ["vocab_size", "at most"]),
+        ({"hidden_size": 10**7, "intermediate_size": 10**7}, ["d_model", "at most"]),
+        ({"num_hidden_layers": 10**6}, ["n_layers", "at most"]),
+        ({"max_position_embeddings": 10**9}, ["max_seq_len", "at most"]),
+        ({"num_local_experts": 10**6}, ["num_experts", "at most"]),
+        # within every ceiling, yet far beyond this machine: refused by the memory check
+        ({"vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_attention_heads": 64}, ["needs about", "GiB"]),
+    ],
+)
+def test_hostile_sizes_are_refused_before_allocating(base_hf, tmp_path, change, fragments) -> None:
+    import resource
+    import time
+
+    hf_dir = edited(base_hf, tmp_path, config=change)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    refused(hf_dir, tmp_path, "config.json", *fragments)
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # KiB: under 200 MiB

@@ -111,7 +111,10 @@ def _stdlib_documents(root: Path, skipped: list[str]) -> list[Document]:
 
 
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a directory, I/O errors
+        raise MoelabError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

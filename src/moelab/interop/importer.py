@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 
 from moelab.config import DataConfig, ModelConfig, RunConfig
 from moelab.data.tokenizer import HF_TOKENIZER_CONFIG, TextTokenizer, special_tokens_in
-from moelab.errors import MoelabError
+from moelab.device import check_fits
+from moelab.errors import ConfigError, MoelabError
 from moelab.interop import keymap
 from moelab.interop.architectures import (
     IGNORED_SUFFIXES,
@@ -36,6 +37,7 @@ from moelab.interop.export import HF_TOKENIZER_FILES, moelab_shapes
 from moelab.interop.runs import check_new_run_dir, write_fresh_run
 from moelab.interop.weights import WeightFiles
 from moelab.model import Transformer
+from moelab.model.accounting import param_counts
 
 
 @dataclass
@@ -91,6 +93,13 @@ def load_hf_checkpoint(hf_dir: str | Path, max_seq_len: int | None = None) -> HF
             raise MoelabError(f"--max-seq-len {max_seq_len} is not allowed: an integer >= 1")
         raw["max_position_embeddings"] = max_seq_len
     arch, cfg = read_hf_config(raw, config_path)
+    try:
+        cfg.validate()  # the size ceilings, before anything is allocated
+    except ConfigError as exc:
+        raise MoelabError(f"{config_path}: {exc}") from None
+    # NOTE: the state read from the files, the model it goes into, and the copy load_state_dict makes
+    params = param_counts(cfg).total
+    check_fits(3 * 4 * params, f"importing {config_path} ({params:,} parameters in fp32)")
     state = load_hf_weights(hf_dir, arch, cfg)
     model = Transformer(cfg)
     model.load_state_dict(state, strict=False)  # keys checked by load_hf_weights; a tied head follows the embedding

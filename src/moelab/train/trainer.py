@@ -24,11 +24,11 @@ from moelab.config import RunConfig
 from moelab.data.loader import BatchLoader, eval_batches
 from moelab.data.shards import TokenData, prepare_data
 from moelab.data.tokenizer import TextTokenizer
-from moelab.device import peak_memory_bytes
+from moelab.device import check_fits, peak_memory_bytes
 from moelab.errors import MoelabError
 from moelab.files import write_atomic
 from moelab.model import Transformer
-from moelab.model.accounting import param_counts, train_flops_per_token
+from moelab.model.accounting import memory_estimate_bytes, param_counts, train_flops_per_token
 from moelab.model.health import LayerHealth, health_to_metrics
 from moelab.rundir import RunDir
 from moelab.train.checkpointer import Checkpointer, Counters, new_monitor
@@ -159,8 +159,7 @@ class Trainer:
 
     def _resume_checkpoint(self, resume: bool | str | Path) -> Path | None:
         if resume is False or resume is None:
-            if self.run.path.exists():
-                self.run.check_free()  # before the data work, so a mistake costs nothing
+            self.run.check_free()  # before the data work, so a mistake costs nothing
             return None
         if resume is True:
             if not self.run.is_run():
@@ -197,6 +196,11 @@ class Trainer:
                 f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens"
             )
         rank, world = self.runtime.rank, self.runtime.world
+        if self.device.type == "cpu":  # before the run directory exists: a refusal leaves nothing behind
+            needed = memory_estimate_bytes(cfg.model, cfg.train.batch_size // world, cfg.data.seq_len)["total"]
+            check_fits(
+                needed, f"training this model (model.d_model = {cfg.model.d_model}, {cfg.model.n_layers} layers)"
+            )
         self.loader = BatchLoader(
             self.data.train, cfg.train.batch_size // world, cfg.data.seq_len, cfg.train.seed, rank=rank, world=world
         )
