@@ -6,7 +6,7 @@ default's tokens with half the batch and twice the steps, WSD: 16 x 800), the le
 tuned comparison chose for every arm at half this budget (3e-3), seed 0; one MoE run per factor. Finished runs are reused, so the screen resumes
 where it stopped; `--only` trains a subset (run two shells with OMP_NUM_THREADS=1 to use both cores).
 
-    python benchmarks/recipe_study.py screen [--only NAME,...] [--out runs/recipe-screen]
+    python benchmarks/recipe_study.py screen [--only NAME,...] [--seeds 0,1,2] [--out runs/recipe-screen]
     python benchmarks/recipe_study.py table [--out runs/recipe-screen] [--json docs/results/recipe-screen.json]
 
 Stage 2, confirm: the factors that beat the default by more than the seed spread, each as a tuned,
@@ -48,13 +48,18 @@ FACTORS: dict[str, tuple[str, list[str]]] = {
     "coupling-lr": ("Switch coefficient and bias rate follow the learning rate", ["train.balance_coupling=lr"]),
     "coupling-stop": ("balancing off in the decay phase", ["train.balance_coupling=stop_at_decay"]),
     "freeze-at-decay": ("router frozen when the decay starts", ["train.router_freeze_at_decay=true"]),
+    "aux-0.003": ("Switch coefficient 0.01 -> 0.003", ["model.moe.aux_loss_coef=0.003"]),
     "aux-0.001": ("Switch coefficient 0.01 -> 0.001", ["model.moe.aux_loss_coef=0.001"]),
+    "aux-0": ("no load balancing at all (Switch coefficient 0, no bias)", ["model.moe.aux_loss_coef=0"]),
     "aux-free": (
         "no Switch loss; bias balancing (DeepSeek-V3) at rate 1e-3",
         ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=0.001"],
     ),
     "expert-lr-2x": ("router and routed experts at twice the learning rate", ["model.moe.lr_scale=2.0"]),
-    "no-shared": ("no shared expert", ["model.moe.num_shared_experts=0"]),
+    "no-shared": (
+        "no shared expert; k=8 keeps 512 active units (8 x 64)",
+        ["model.moe.num_shared_experts=0", "model.moe.top_k=8", "model.moe.route_scale=8.0"],
+    ),
     "coarse-16x2": (
         "coarser experts: E=16, k=2, I=192 (same active expert width as 6 x 64, half the total)",
         ["model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.expert_hidden=192", "model.moe.route_scale=2.0"],
@@ -62,9 +67,9 @@ FACTORS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def factor_config(name: str):
+def factor_config(name: str, seed: int = 0):
     overrides = [o for o in FACTORS[name][1] if not o.startswith("@")]
-    cfg = load_config(preset="small-moe", overrides=BASE + overrides)
+    cfg = load_config(preset="small-moe", overrides=BASE + overrides + [f"train.seed={seed}"])
     if "@dense" in FACTORS[name][1]:
         from moelab.analysis.compare import dense_twin
 
@@ -72,11 +77,16 @@ def factor_config(name: str):
     return cfg
 
 
-def screen(out: Path, only: list[str] | None) -> None:
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def screen(out: Path, only: list[str] | None, seeds: list[int]) -> None:
     for name in only or list(FACTORS):
         if name not in FACTORS:
             raise SystemExit(f"unknown factor {name!r}; known: {', '.join(FACTORS)}")
-        train_or_reuse(name, factor_config(name), out / name, log=print, progress=False)
+        for seed in seeds:
+            train_or_reuse(name, factor_config(name, seed), run_dir(out, name, seed), log=print, progress=False)
 
 
 def final_loss(run: Path) -> tuple[float | None, float | None]:
@@ -106,20 +116,25 @@ def table(out: Path, json_path: Path | None) -> None:
         if loss is None:
             continue
         cfg = factor_config(name)
+        more = [final_loss(p)[0] for p in sorted(out.glob(f"{name}-seed*"))]
+        seed_losses = [loss] + [v for v in more if v is not None]
         rows.append(
             {
                 "factor": name,
                 "what": what,
                 "overrides": overrides,
                 "val_loss": loss,
+                "val_loss_seeds": seed_losses,  # seed 0 first (the other columns are seed 0's)
                 "vs_default": None if base is None else loss - base,
                 "vs_dense": None if dense is None else loss - dense,
                 "decay_gain": decay_gain(out / name, cfg),
                 "wall_s": wall,
             }
         )
-    print("| factor | change | final val loss | vs default | vs dense | decay-phase gain | wall min |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| factor | change | final val loss | vs default | vs dense | decay-phase gain | wall min | all seeds: mean (n) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 
     def fmt(v, spec="+.4f"):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -127,7 +142,13 @@ def table(out: Path, json_path: Path | None) -> None:
     for r in rows:
         print(
             f"| {r['factor']} | {r['what']} | {r['val_loss']:.4f} | {fmt(r['vs_default'])} | {fmt(r['vs_dense'])} | "
-            f"{fmt(r['decay_gain'], '.4f')} | {fmt((r['wall_s'] or 0) / 60, '.1f')} |"
+            f"{fmt(r['decay_gain'], '.4f')} | {fmt((r['wall_s'] or 0) / 60, '.1f')} | "
+            + (
+                f"{sum(r['val_loss_seeds']) / len(r['val_loss_seeds']):.4f} ({len(r['val_loss_seeds'])})"
+                if len(r["val_loss_seeds"]) > 1
+                else ""
+            )
+            + " |"
         )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,13 +172,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["screen", "table", "confirm"])
     ap.add_argument("--only", default="", help="comma-separated factors (screen)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (screen); seed 0 is the run named NAME")
     ap.add_argument("--factors", default="", help="comma-separated factors (confirm)")
     ap.add_argument("--out", default="runs/recipe-screen")
     ap.add_argument("--json", default="docs/results/recipe-screen.json")
     args = ap.parse_args()
     out = Path(args.out)
     if args.stage == "screen":
-        screen(out, [n for n in args.only.split(",") if n] or None)
+        screen(out, [n for n in args.only.split(",") if n] or None, [int(x) for x in args.seeds.split(",")])
     elif args.stage == "table":
         table(out, Path(args.json) if args.json else None)
     else:
