@@ -49,22 +49,25 @@ def settings(steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def train(out: Path, steps: int, resume: bool, kill_after: float | None) -> tuple[bool, float]:
-    """Run `moelab train`; kill it after `kill_after` seconds. (finished, seconds)."""
+def train(out: Path, steps: int, resume: bool, kill_after: float | None, in_write: bool = False) -> tuple[bool, bool]:
+    """Run `moelab train`; SIGKILL it after `kill_after` seconds, or (in_write) as soon as a checkpoint
+    write is seen in progress after that. (finished, killed inside a write)."""
     command = [sys.executable, "-m", "moelab", "train", "--quiet", "--out", str(out)]
     command += ["--resume"] if resume else ["--preset", "tiny", *settings(steps)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        proc.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return False, time.perf_counter() - start
+    deadline = None if kill_after is None else time.perf_counter() + kill_after
+    while proc.poll() is None:
+        if deadline is not None and time.perf_counter() >= deadline:
+            writing = any((out / "checkpoints").glob(".tmp-*")) if (out / "checkpoints").is_dir() else False
+            if writing or not in_write:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return False, writing
+        time.sleep(0.0005 if in_write else 0.01)
     if proc.returncode != 0:
         raise RuntimeError(f"moelab train failed (exit {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    return True, time.perf_counter() - start
+    return True, False
 
 
 def check_checkpoints(run: Path) -> tuple[int, int, int]:
@@ -106,9 +109,19 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     reference = out / "reference"
-    _, reference_s = train(reference, args.steps, resume=False, kill_after=None)
+    start = time.perf_counter()
+    train(reference, args.steps, resume=False, kill_after=None)
+    reference_s = time.perf_counter() - start
     ref_weights = load_file(str(list_checkpoints(reference)[-1] / MODEL_FILE))
-    totals = {"kills": 0, "resumes": 0, "checked": 0, "refused": 0, "accepted_corrupt": 0, "stale_seen": 0}
+    totals = {
+        "kills": 0,
+        "in_write": 0,
+        "resumes": 0,
+        "checked": 0,
+        "refused": 0,
+        "accepted_corrupt": 0,
+        "stale_seen": 0,
+    }
     trials = []
     for trial in range(args.trials):
         run = out / f"trial-{trial}"
@@ -116,10 +129,12 @@ def main() -> None:
         while not finished:
             kill_after = rng.uniform(0.2, 1.0) * reference_s if totals["kills"] < (trial + 1) * 3 else None
             resume = (run / "config.toml").is_file()  # a kill before the config was written left an empty directory
-            finished, _ = train(run, args.steps, resume, kill_after)
+            # every other kill waits for a checkpoint write in progress
+            finished, in_write = train(run, args.steps, resume, kill_after, in_write=totals["kills"] % 2 == 1)
             totals["resumes"] += int(resume)
             if not finished:
                 totals["kills"] += 1
+                totals["in_write"] += int(in_write)
                 totals["stale_seen"] += (
                     len(list((run / "checkpoints").glob(".tmp-*"))) if (run / "checkpoints").is_dir() else 0
                 )
@@ -136,7 +151,7 @@ def main() -> None:
         )
         print(f"trial {trial}: weights {'equal' if same else 'DIFFER'}, metrics {'equal' if lines_same else 'DIFFER'}")
     print(
-        f"kills {totals['kills']}, resumes {totals['resumes']}, checkpoints checked after a kill {totals['checked']} "
+        f"kills {totals['kills']} ({totals['in_write']} inside a checkpoint write), resumes {totals['resumes']}, checkpoints checked after a kill {totals['checked']} "
         f"(refused {totals['refused']}), accepted-corrupt {totals['accepted_corrupt']}, stale temporary folders seen "
         f"{totals['stale_seen']} (left after the runs: {sum(t['stale_left'] for t in trials)}), runs equal to the "
         f"reference {sum(t['weights_equal'] and t['metrics_equal'] for t in trials)} of {len(trials)}"
