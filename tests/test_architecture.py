@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moelab"
 # Lowest first. Subsystems in one layer may not import each other (train and infer side by side).
 LAYERS: list[set[str]] = [
     {"moelab", "errors"},  # the package's version; user errors
-    {"files", "device"},  # atomic files and JSON Lines; device choice and memory
+    {"files", "device", "extras"},  # atomic files and JSON Lines; device choice and memory; optional packages
     {"config"},
     {"kernels"},
     {"model"},

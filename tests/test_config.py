@@ -73,6 +73,32 @@ def test_toml_round_trip(tmp_path) -> None:
     assert again == cfg
 
 
+def test_toml_round_trip_with_lists_and_quoting(tmp_path) -> None:
+    cfg = load_config(
+        preset="tiny",
+        overrides=[
+            'data.glob=["*.py", "*.txt"]',
+            'train.report_to=["tensorboard", "wandb"]',
+            'data.source="C:\\\\data\\\\a \\"quoted\\" dir"',
+        ],
+    )
+    assert cfg.data.glob == ["*.py", "*.txt"] and cfg.train.report_to == ["tensorboard", "wandb"]
+    text = cfg.to_toml()
+    assert "[model.moe]" in text and "report_to = [" in text
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    assert load_config(path).to_toml() == text
+
+
+def test_report_to_takes_known_tracker_names_once() -> None:
+    assert build().train.report_to == []
+    with pytest.raises(ConfigError, match=r"train.report_to = \['wandb', 'wandb'\].*distinct"):
+        build(train={"report_to": ["wandb", "wandb"]})
+    with pytest.raises(ConfigError, match=r"train.report_to = \['comet'\].*one of \('tensorboard', 'wandb'\)"):
+        build(train={"report_to": ["comet"]})
+
+
 @pytest.mark.parametrize(
     "setting",
     [

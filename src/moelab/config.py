@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from moelab.errors import ConfigError, MoelabError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -47,6 +49,8 @@ SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 QK_NORM_CHOICES = ("none", "head", "full")
+# experiment trackers fed from metrics.jsonl's records (moelab.train.trackers); names as Hugging Face's Trainer
+REPORT_TO_CHOICES = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -218,9 +222,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (embedded corpus), a text file, a directory, or a .jsonl file
-    glob: str = "*"  # files to read under a directory: comma-separated patterns on the relative path or file name
-    jsonl_field: str = "text"
+    # "stdlib" (embedded corpus), a text file, a directory, a .jsonl or .parquet file, a `datasets`
+    # save_to_disk directory, or a tokenised directory (`moelab tokenize`, nanoGPT train.bin/val.bin)
+    source: str = "stdlib"
+    # files to read under a directory: a list of patterns, or one string of comma-separated patterns,
+    # matched on the relative path or the file name
+    glob: str | list[str] = "*"
+    jsonl_field: str = "text"  # the text field of JSON Lines records, or the column of Parquet / datasets
     tokenizer: str = "bpe"  # bpe (trained on the data) | bytes | file (an existing tokenizer.json)
     tokenizer_file: str = (
         ""  # with tokenizer = "file": its tokenizer.json (a tokenizer_config.json beside it names eos/pad)
@@ -292,6 +300,13 @@ class TrainConfig:
     # micro_batch: the Switch loss balances each micro-batch's load (over data-parallel ranks); step:
     # the load of the whole optimizer step, all micro-batches and ranks (global-batch balancing)
     balance_scope: str = "micro_batch"
+    # Experiment trackers that receive every metrics.jsonl row (their files go inside the run
+    # directory): tensorboard | wandb (offline unless WANDB_MODE says otherwise). [] = none.
+    report_to: list[str] = field(default_factory=list)
+    # Memory and speed (docs/distributed.md): recompute each block's activations in the backward
+    # instead of keeping them; torch.compile each block (the first step compiles).
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
@@ -341,6 +356,13 @@ class TrainConfig:
             f"{prefix}.router_freeze_step",
             self.router_freeze_step,
             f"an integer in [0, train.max_steps = {self.max_steps}] (0 = never)",
+        )
+        _check(
+            all(name in REPORT_TO_CHOICES for name in self.report_to)
+            and len(set(self.report_to)) == len(self.report_to),
+            f"{prefix}.report_to",
+            self.report_to,
+            f"a list of distinct tracker names, each one of {REPORT_TO_CHOICES} (or [] for none)",
         )
 
 
@@ -448,6 +470,14 @@ class RunConfig:
             self.parallel.expert,
             "1 for a dense model (expert parallelism needs model.moe)",
         )
+        # NOTE (distributed): the expert all-to-alls run in eager autograd functions; compiled
+        # blocks around them are untested, so the two are not combined.
+        _check(
+            not (self.train.compile and self.parallel.expert > 1),
+            "train.compile",
+            self.train.compile,
+            f"false with expert parallelism (parallel.expert = {self.parallel.expert}); compile needs parallel.expert = 1",
+        )
         if moe is not None and self.parallel.expert > 1:
             _check(
                 moe.num_experts % self.parallel.expert == 0,
@@ -506,7 +536,16 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
+        if isinstance(value, list):  # e.g. data.glob: a string or a list of strings
+            options = [a for a in options if typing.get_origin(a) is list] or options
         return _coerce(options[0], value, path)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and item is str:  # `--set train.report_to=tensorboard,wandb`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        raise ConfigError(path, value, "a list")
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
@@ -537,33 +576,15 @@ def _to_plain(obj: Any) -> Any:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Write a nested dict of scalars as TOML (None values are left out: they mean 'default')."""
-    lines: list[str] = []
+    """Write a nested dict as TOML with tomli_w (None values are left out: they mean 'default').
 
-    def emit(table: dict[str, Any], header: str) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if header and (scalars or not tables):
-            lines.append(f"[{header}]")
-        for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        if scalars:
-            lines.append("")
-        for key, value in tables.items():
-            emit(value, f"{header}.{key}" if header else key)
+    Scalars come before the sub-tables of each table, so the file reads top-down like the presets."""
 
-    emit(data, "")
-    return "\n".join(lines).rstrip() + "\n"
+    def ordered(table: dict[str, Any]) -> dict[str, Any]:
+        scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, dict)}
+        return scalars | {k: ordered(v) for k, v in table.items() if isinstance(v, dict)}
 
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"cannot write {value!r} as TOML")
+    return tomli_w.dumps(ordered(data))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from moelab.analysis.intervals import (
     mean_interval,
     multiplier_interval,
 )
-from moelab.analysis.runs import campaign_run, cooldown_curve, cooldown_points, eval_curve, inference_tokens_per_s
+from moelab.analysis.runs import (
+    campaign_run,
+    cooldown_curve,
+    cooldown_points,
+    eval_curve,
+    inference_tokens_per_s,
+    require_study_packages,
+)
 from moelab.analysis.tuning import (
     TuneSpec,
     choose,
@@ -130,6 +137,8 @@ def compare(
     base_seed = dense.train.seed
     seed_list = [base_seed + i for i in range(seeds)]
     # Everything that can be refused is refused before the output directory is touched.
+    # NOTE: scipy gives the intervals over seeds, so one seed does without it.
+    require_study_packages("moelab compare", [cfg for _, cfg in arms], "matplotlib", *(("scipy",) if seeds > 1 else ()))
     grids = {name: tune.grid_for(cfg) for name, cfg in arms} if tune is not None else {}
     tune_budget = Budget(budget.kind, budget.amount * tune.fraction) if tune is not None else None
     tuning_runs = (

@@ -28,6 +28,7 @@ from typing import Any
 
 from moelab.config import MonitorConfig
 from moelab.errors import MoelabError
+from moelab.extras import require
 from moelab.files import read_jsonl
 from moelab.model.health import LayerHealth, health_from_metrics, judge_layer, router_layers
 from moelab.rundir import RunDir
@@ -35,6 +36,7 @@ from moelab.train.monitor import Monitor
 
 STATUS_ORDER = ("healthy", "degraded", "collapsed")
 LAYER_RULES = ("collapse", "dead_experts", "logit_growth")
+REPORT_NEEDS = "the diagnose report (--no-report skips it)"  # what names matplotlib when it is missing
 TAIL_FRACTION = 0.2  # the end of the run that layer verdicts describe: its last 20% of intervals
 # LayerHealth fields summarised over the tail (means; max_logit: the largest)
 SUMMARY_FIELDS = (
@@ -645,12 +647,9 @@ def render_report(d: Diagnosis, out: str | Path | None = None) -> Path:
         raise MoelabError(f"--out {target} is a directory; give a file name such as {target / 'diagnose.html'}")
     if not target.parent.is_dir():
         raise MoelabError(f"--out {target}: the directory {target.parent} does not exist")
-    try:
-        from moelab.analysis.diagnose_plots import diagnose_plots
-    except ImportError as exc:  # matplotlib is the optional `report` extra
-        raise MoelabError(
-            f"the diagnose report needs matplotlib ({exc}); install it with pip install 'moelab[report]'"
-        ) from None
+    require(REPORT_NEEDS, "report", "matplotlib")
+    from moelab.analysis.diagnose_plots import diagnose_plots
+
     with tempfile.TemporaryDirectory(prefix="moelab-diagnose-") as tmp:
         plots = diagnose_plots(d, Path(tmp))
         page = render_html(d, plots)  # the PNGs are embedded, so the temporary files can go

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from moelab.analysis.budget import Budget, apply_budget, planned_flops
 from moelab.analysis.campaign import Campaign, PlannedRun
 from moelab.analysis.compare import dense_twin
-from moelab.analysis.runs import campaign_run
+from moelab.analysis.runs import campaign_run, require_study_packages
 from moelab.analysis.scaling import Point, backtest, bootstrap, fit_law, forecast
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
@@ -107,6 +107,8 @@ def run_ladder(
 ) -> list[Point]:
     points = []
     configs = ladder_configs(base, widths, tokens)
+    # the fit (scipy) and its plots (matplotlib) come after the ladder: refuse before training it
+    require_study_packages("moelab forecast", [cfg for _, cfg in configs], "matplotlib", "scipy")
     campaign = Campaign([PlannedRun(label, planned_flops(cfg)) for label, cfg in configs], log)
     for label, cfg in configs:
         summary = campaign_run(campaign, label, cfg, Path(out) / "runs" / label, log, progress)

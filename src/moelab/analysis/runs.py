@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,21 @@ import torch
 from moelab.analysis.campaign import Campaign
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
+from moelab.extras import require
 from moelab.files import write_atomic
 from moelab.rundir import RunDir, load_model
+from moelab.train.trackers import require_trackers
 
 # Budgets (as fractions of the full one) at which a WSD run is cooled down from its stable phase.
 COOLDOWN_FRACTIONS = (0.5, 0.625, 0.75, 0.875)
+
+
+def require_study_packages(what: str, configs: Iterable[RunConfig], *report_modules: str) -> None:
+    """Refuse a study whose report (`report_modules` of the report extra) or whose runs' trackers
+    need a package that is not installed: one line, before any run trains."""
+    require(what, "report", *report_modules)
+    for cfg in configs:
+        require_trackers(cfg.train.report_to)
 
 
 def cooldown_points(cfg: RunConfig, fractions: tuple[float, ...] = COOLDOWN_FRACTIONS) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from moelab.analysis.budget import Budget, apply_budget, default_budget, planned
 from moelab.analysis.campaign import Campaign, PlannedRun
 from moelab.analysis.compare import describe_architecture
 from moelab.analysis.curves import pareto_front
-from moelab.analysis.runs import campaign_run, inference_tokens_per_s
+from moelab.analysis.runs import campaign_run, inference_tokens_per_s, require_study_packages
 from moelab.config import RunConfig
 from moelab.errors import MoelabError
 from moelab.files import write_atomic
@@ -83,6 +83,7 @@ def sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     points, skipped = sweep_points(base, experts, granularities)
+    require_study_packages("moelab sweep", [cfg for _, cfg in points], "matplotlib")
     if budget is None:
         budget = default_budget(base)
     out = Path(out)

@@ -14,8 +14,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     entropy curves, z-loss and max logit, loss and gradient norm with spikes and rollbacks marked)
     to RUN_DIR/diagnose.html, or --out. Reads only the run directory's files, so it works on a run
     still training and on runs written by older moelab versions."""
-    from moelab.analysis.diagnose import diagnose, diagnose_text, render_report
+    from moelab.analysis.diagnose import REPORT_NEEDS, diagnose, diagnose_text, render_report
+    from moelab.extras import require
 
+    if not args.no_report:
+        require(REPORT_NEEDS, "report", "matplotlib")
     d = diagnose(args.run)
     if args.json:
         print(json.dumps(d.to_dict(), indent=1))
