@@ -269,7 +269,7 @@ MALFORMED = [
         "stream_options",
         None,
     ),
-    ("logprobs", CC, {**GOOD_CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("logprobs not boolean", CC, {**GOOD_CHAT, "logprobs": "yes"}, 400, "logprobs", None),
     ("penalty", C, {**GOOD, "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter"),
     (
         "prompt plus max_tokens over the context",

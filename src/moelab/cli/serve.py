@@ -46,12 +46,18 @@ def _set_threads(threads: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run (its newest checkpoint) or one checkpoint over HTTP with the OpenAI API:
-    GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming with
-    "stream": true), GET /health (503 while the model loads) and GET /metrics (Prometheus).
+    GET /v1/models, POST /v1/completions (with logprobs and echo), POST /v1/chat/completions
+    (streaming with "stream": true), POST /tokenize and /detokenize, GET /health (503 while the
+    model loads) and GET /metrics (Prometheus). Chat uses the model's chat template (an imported
+    model's own, or --chat-template FILE), or moelab's ChatML for moelab's own models.
     Requests that arrive while others are generating join the running batch at the next step.
     With --api-key (or the MOELAB_API_KEY environment variable) every route but /health needs the
     header 'Authorization: Bearer KEY'. See docs/serving.md."""
+    from moelab.extras import require
+
+    require("moelab serve", "serve")  # fastapi, uvicorn, prometheus_client, jinja2 (chat templates)
     from moelab.device import resolve_device
+    from moelab.infer.chat_template import read_chat_template
     from moelab.infer.server import (
         ServerSettings,
         bind,
@@ -63,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run, checkpoint = resolve_checkpoint(args.run)  # bad paths fail now, not in the background
     resolve_device(args.device)
+    template = read_chat_template(args.chat_template) if args.chat_template is not None else None
     _set_threads(args.threads)
     if not 0 <= args.port <= 65535:
         raise MoelabError(f"--port {args.port} is not allowed: 0 (any free port) to 65535")
@@ -92,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: load_servable(checkpoint, args.device), settings, stop_on_load_error)
+    app = create_app(lambda: load_servable(checkpoint, args.device, template), settings, stop_on_load_error)
     server = uvicorn_server(app, args.host, args.port, args.log_level, args.timeout_keep_alive, args.max_connections)
     port = sock.getsockname()[1]
     url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
@@ -113,25 +120,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with a run in the terminal, through the same engine and chat format as the server.
+    An imported model uses its tokenizer's chat template (or --chat-template FILE).
     Type a message and the reply streams as it is generated. /reset starts a new conversation,
     /exit (or Ctrl-D) quits, Ctrl-C stops a reply. When the conversation outgrows the context
     window the oldest turns are dropped."""
     from moelab.device import resolve_device
-    from moelab.infer.chat import ChatEncoder
+    from moelab.infer.chat_template import ChatTemplateError, chat_format, read_chat_template, read_run_chat_files
     from moelab.infer.engine import Engine, EngineConfig
     from moelab.rundir import load_model
 
     params = sampling_params(args)
     if args.max_tokens < 1:
         raise MoelabError(f"--max-tokens {args.max_tokens} is not allowed: an integer >= 1")
+    template = read_chat_template(args.chat_template) if args.chat_template is not None else None
     _set_threads(args.threads)
     loaded = load_model(args.run, resolve_device(args.device))
-    if not ChatEncoder.supports(loaded.tokenizer):
+    files = read_run_chat_files(loaded.run.path)
+    try:
+        encoder = chat_format(loaded.tokenizer, template or files.template, files.special_tokens, files.eos_ids)
+    except ChatTemplateError as exc:
         raise MoelabError(
-            f"{args.run}: the model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use moelab generate"
+            f"{args.run}: the model's chat template does not parse ({exc}); give --chat-template FILE"
+        ) from None
+    if encoder is None:
+        raise MoelabError(
+            f"{args.run}: the model's tokenizer has no chat template; give --chat-template FILE, or use moelab generate"
         )
     with Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch=1, max_queue=1)) as engine:
-        session = ChatSession(engine, ChatEncoder(loaded.tokenizer), params, args.max_tokens, args.seed, args.system)
+        session = ChatSession(engine, encoder, params, args.max_tokens, args.seed, args.system)
         print(
             f"moelab chat with {loaded.run.path} (step {loaded.step}); /reset starts over, /exit quits", file=sys.stderr
         )
@@ -166,10 +182,16 @@ class ChatSession:
             self.turns = self.turns[2 if len(self.turns) > 2 else 1 :]  # the oldest turn and its reply
 
     def reply(self, message: str, write: Callable[[str], None]) -> str:
+        from moelab.infer.chat_template import ChatTemplateError
         from moelab.infer.engine import Chunk, Failed, Request
 
         self.turns.append({"role": "user", "content": message})
-        ids = self.prompt_ids()
+        try:
+            ids = self.prompt_ids()
+        except ChatTemplateError as exc:
+            self.turns.pop()
+            write(f"[the chat template failed: {exc}]\n")
+            return ""
         if ids is None:
             write(f"[the message does not fit the context window of {self.engine.context} tokens]\n")
             return ""
@@ -240,6 +262,13 @@ def register(sub, command) -> None:
         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set, else no key)",
     )
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory's name)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template for /v1/chat/completions (default: the model's own: an imported model's "
+        "tokenizer template, or moelab's ChatML)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     p.add_argument(
         "--timeout-keep-alive",
@@ -268,6 +297,9 @@ def register(sub, command) -> None:
 
     p = command(sub, "chat", cmd_chat, "chat with a run in the terminal")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a Jinja chat template (default: the model's own)"
+    )
     p.add_argument("--system", default=None, help="a system message that starts the conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (cut to the context window)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -8,6 +8,12 @@ and the cache and repeats one step:
    in one padded forward (choices of the same prompt share it: the prompt's keys are copied);
 3. decode one token for every live sequence in one forward, sample, hand out the text.
 
+Log-probabilities, when a request asks for them, come from the logits of the same forward that
+scored the token (prefill for the prompt, decode for generated tokens), in float32, of the raw
+distribution (before temperature, top-k and top-p): `Request.logprobs` for generated tokens,
+`Request.prompt_logprobs` for the prompt (the `PromptLogprobs` event, before any Chunk). A
+request with max_tokens 0 is prefilled only: it scores its prompt and finishes.
+
 A request that arrives while others decode is admitted at the next step. Live sequences occupy
 cache rows 0..B-1 (a finished sequence's row is filled by moving the last one), so a decode step
 reads the cache through views and never gathers it.
@@ -76,12 +82,14 @@ class Request:
     """What to generate. Choice `p * n + j` is the j-th sample for prompt p."""
 
     prompts: tuple[tuple[int, ...], ...]  # token ids, each non-empty
-    max_tokens: int  # per choice; prompt length + max_tokens must fit the context window
+    max_tokens: int  # per choice (0: score the prompt only); prompt length + max_tokens must fit the context
     params: SamplingParams = SamplingParams()
     n: int = 1
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()  # generating one of these ends the choice
+    logprobs: int | None = None  # per generated token: its log-probability and the top-N alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (PromptLogprobs)
 
     @property
     def choices(self) -> int:
@@ -93,6 +101,16 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution at its position, and the
+    `top` most likely tokens there (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """New text of one choice (one per generated token; text may be "" while it is held back)."""
 
@@ -101,6 +119,17 @@ class Chunk:
     tokens: int  # tokens generated for this choice so far
     finish_reason: str | None  # "stop" | "length" on the last chunk of the choice
     time: float  # time.perf_counter() when the token was sampled
+    token: int = -1  # the generated token's id
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The log-probabilities of prompt `prompt`'s tokens: None for the first (nothing predicts
+    it), then one per token, each given the tokens before it."""
+
+    prompt: int
+    logprobs: tuple[TokenLogprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,7 @@ class Failed:
     message: str
 
 
-Event = Chunk | Finished | Failed
+Event = Chunk | PromptLogprobs | Finished | Failed
 
 
 @dataclass(frozen=True)
@@ -305,8 +334,12 @@ class Engine:
             raise ValueError(
                 f"{request.choices} choices (prompts x n) exceed the engine's batch of {self.config.max_batch}"
             )
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens = {request.max_tokens} is not allowed: an integer >= 1")
+        if request.max_tokens < 0:
+            raise ValueError(f"max_tokens = {request.max_tokens} is not allowed: an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(request, name)
+            if count is not None and count < 0:
+                raise ValueError(f"{name} = {count} is not allowed: None or an integer >= 0")
         request.params.validate()
         for prompt in request.prompts:
             if not prompt:
@@ -424,12 +457,31 @@ class Engine:
         logits_PTV = self.model(
             tokens_PT.to(self.device), positions_BT=positions_PT, cache=self._cache, rows_B=rows_P
         ).logits
+        self._emit_prompt_logprobs(jobs, prompts, logits_PTV)
         last_PV = logits_PTV[torch.arange(len(prompts), device=self.device), lengths_P - 1]
         for seq, p in zip(new, prompt_of):
-            if seq.row != source_row[p]:  # another choice of the same prompt: share its keys
+            if seq.job.request.max_tokens == 0:  # scored only: nothing to generate
+                self._finish(seq)
+            elif seq.row != source_row[p]:  # another choice of the same prompt: share its keys
                 self._copy_row(source_row[p], seq.row, len(prompts[p]))
-        logits_BV = last_PV.index_select(0, torch.tensor(prompt_of, device=self.device))
-        self._sample_and_emit(new, logits_BV)
+        sampled = [i for i, seq in enumerate(new) if not seq.finished]
+        if sampled:
+            index = torch.tensor([prompt_of[i] for i in sampled], device=self.device)
+            self._sample_and_emit([new[i] for i in sampled], last_PV.index_select(0, index))
+
+    def _emit_prompt_logprobs(self, jobs: list[_Job], prompts: list[tuple[int, ...]], logits_PTV) -> None:
+        """PromptLogprobs for each prompt of the jobs that asked (prompts in the order of `jobs`)."""
+        first = 0
+        for job in jobs:
+            request = job.request
+            if request.prompt_logprobs is not None:
+                for p, prompt in enumerate(request.prompts):
+                    # position t-1 predicts token t: rows 0..L-2 score tokens 1..L-1
+                    scored = _token_logprobs(
+                        logits_PTV[first + p, : len(prompt) - 1], prompt[1:], request.prompt_logprobs
+                    )
+                    self._emit(job, PromptLogprobs(p, (None, *scored)))
+            first += len(request.prompts)
 
     def _decode(self) -> None:
         live = self._live
@@ -445,12 +497,21 @@ class Engine:
         params = [s.job.request.params for s in seqs]
         uniform = [0.0 if p.greedy else draw_uniform(s.generator) for s, p in zip(seqs, params)]
         tokens = sample_rows(logits_BV, params, uniform)
+        scored = [i for i, s in enumerate(seqs) if s.job.request.logprobs is not None and not s.job.done]
+        logprobs: dict[int, TokenLogprob] = {}
+        if scored:
+            rows_S = torch.tensor(scored, device=logits_BV.device)
+            top = max(seqs[i].job.request.logprobs for i in scored)
+            found = _token_logprobs(logits_BV.index_select(0, rows_S), [tokens[i] for i in scored], top)
+            for i, entry in zip(scored, found):
+                n = seqs[i].job.request.logprobs
+                logprobs[i] = entry if n == top else TokenLogprob(entry.token, entry.logprob, entry.top[:n])
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if not seq.job.done:
-                self._accept(seq, token, now)
+                self._accept(seq, token, now, logprobs.get(i))
 
-    def _accept(self, seq: _Sequence, token: int, now: float) -> None:
+    def _accept(self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         job, request = seq.job, seq.job.request
         seq.generated += 1
         seq.next_token = token
@@ -466,24 +527,30 @@ class Engine:
             elif seq.generated >= request.max_tokens:
                 text += seq.text.flush()
                 finish = "stop" if seq.text.stopped else "length"
-        self._emit(job, Chunk(seq.index, text, seq.generated, finish, now))
+        self._emit(job, Chunk(seq.index, text, seq.generated, finish, now, token, logprob))
         if finish is not None:
-            seq.finished = True
-            job.remaining -= 1
-            job.completion_tokens += seq.generated
-            if job.remaining == 0 and not job.done:
-                job.done = True
-                end = time.perf_counter()
-                self._emit(
-                    job,
-                    Finished(
-                        request.prompt_tokens,
-                        job.completion_tokens,
-                        job.admitted - job.submitted,
-                        job.first_token - job.submitted,
-                        end - job.submitted,
-                    ),
-                )
+            self._finish(seq)
+
+    def _finish(self, seq: _Sequence) -> None:
+        """The choice is over; the request too when it was its last choice."""
+        job = seq.job
+        seq.finished = True
+        job.remaining -= 1
+        job.completion_tokens += seq.generated
+        if job.remaining == 0 and not job.done:
+            job.done = True
+            end = time.perf_counter()
+            first_token = job.first_token or end  # a request that scores its prompt only
+            self._emit(
+                job,
+                Finished(
+                    job.request.prompt_tokens,
+                    job.completion_tokens,
+                    job.admitted - job.submitted,
+                    first_token - job.submitted,
+                    end - job.submitted,
+                ),
+            )
 
     def _emit(self, job: _Job, event: Event) -> None:
         if job.cancelled:
@@ -520,3 +587,22 @@ class Engine:
         cache = self._cache
         cache.k[:, dst, :, :length] = cache.k[:, src, :, :length]
         cache.v[:, dst, :, :length] = cache.v[:, src, :, :length]
+
+
+def _token_logprobs(logits_TV: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """For row t of the logits: the log-probability of tokens[t] and the `top` most likely tokens,
+    from the raw distribution in float32."""
+    if not len(tokens):
+        return []
+    # NOTE: float32 whatever the forward computed in (bf16 under autocast): log_softmax of bf16
+    # logits would round every log-probability to 3 significant digits.
+    logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+    tokens_T = torch.tensor(list(tokens), device=logprobs_TV.device)
+    chosen = logprobs_TV.gather(1, tokens_T[:, None]).squeeze(1).tolist()
+    top = min(top, logprobs_TV.shape[-1])
+    if top:
+        values_TN, ids_TN = logprobs_TV.topk(top, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids_TN.tolist(), values_TN.tolist())]
+    else:
+        tops = [()] * len(chosen)
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]

@@ -2,6 +2,12 @@
 bodies, and the error shape {"error": {"message", "type", "param", "code"}}.
 
 Checks here need no model; token counts and the context window are checked by the server.
+
+Log-probabilities (`logprobs`): completions take an integer 0..MAX_LOGPROBS, the number of
+alternatives per token, and answer in the legacy shape {tokens, token_logprobs, top_logprobs,
+text_offset}; with `echo` the prompt's tokens come first (the first with logprob null), and
+`max_tokens` 0 (only with echo) scores the prompt without generating. Chat takes `logprobs: true`
+and `top_logprobs` 0..MAX_LOGPROBS and answers {"content": [{token, logprob, bytes, top_logprobs}]}.
 Every string of a body (values and field names) must be valid Unicode: JSON may escape a lone
 surrogate ("\\ud800"), which no tokenizer or UTF-8 encoder accepts, so `check_text` answers 400
 naming the field before any other check reads the body.
@@ -18,6 +24,7 @@ from typing import Any
 from moelab.infer.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's and vLLM's default limit
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -68,11 +75,33 @@ class GenerationBody:
 @dataclass(frozen=True)
 class CompletionBody(GenerationBody):
     prompts: tuple[str | tuple[int, ...], ...] = ()  # text, or token ids
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    echo: bool = False  # the prompt comes back first in the text (and in logprobs)
 
 
 @dataclass(frozen=True)
 class ChatBody(GenerationBody):
     messages: tuple[dict[str, str], ...] = ()  # {"role": system|user|assistant, "content": text}
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizeBody:
+    """POST /tokenize: text, or a conversation in the model's chat format (vLLM's shape)."""
+
+    model: str | None
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+@dataclass(frozen=True)
+class DetokenizeBody:
+    model: str | None
+    tokens: tuple[int, ...]
 
 
 _SHARED = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
@@ -107,6 +136,15 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     if not _is_int(value) or value < low or (high is not None and value > high):
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise bad_request(f"{name} = {value!r} is not allowed: {allowed}", name)
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} = {value!r} is not allowed: true or false", name)
     return value
 
 
@@ -163,12 +201,8 @@ def _param(path: tuple) -> str | None:
 
 
 def _shared(body: Any, allowed: set[str], max_choices: int) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    check_text(body)
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unrecognized_argument")
+    body = _object(body)
+    _known(body, allowed)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required: the name of a model from GET /v1/models", "model")
@@ -227,8 +261,16 @@ def _shared(body: Any, allowed: set[str], max_choices: int) -> dict[str, Any]:
 def parse_completion(body: Any, max_choices: int) -> CompletionBody:
     """Check a POST /v1/completions body."""
     shared = _shared(body, _SHARED | _COMPLETION_ONLY, max_choices)
-    _unsupported(body, "logprobs", lambda v: False)
-    _unsupported(body, "echo", lambda v: v is False)
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _boolean(body, "echo", False)
+    if echo and shared["stream"]:
+        raise bad_request("echo is not supported with stream; send stream=false", "echo", "unsupported_parameter")
+    max_tokens = _integer(body, "max_tokens", None, 0)
+    if max_tokens == 0 and not echo:
+        raise bad_request(
+            "max_tokens = 0 is only allowed with echo=true (to score the prompt without generating): an integer >= 1",
+            "max_tokens",
+        )
     _unsupported(body, "suffix", lambda v: v == "")
     _unsupported(body, "best_of", lambda v: v == shared["n"])
     prompts = _prompts(body.get("prompt"))
@@ -236,7 +278,7 @@ def parse_completion(body: Any, max_choices: int) -> CompletionBody:
         raise bad_request(
             f"{len(prompts)} prompts x n={shared['n']} choices exceed this server's limit of {max_choices}", "n"
         )
-    return CompletionBody(max_tokens=_integer(body, "max_tokens", None, 1), prompts=prompts, **shared)
+    return CompletionBody(max_tokens=max_tokens, prompts=prompts, logprobs=logprobs, echo=echo, **shared)
 
 
 def _prompts(prompt: Any) -> tuple[str | tuple[int, ...], ...]:
@@ -258,8 +300,10 @@ def _prompts(prompt: Any) -> tuple[str | tuple[int, ...], ...]:
 def parse_chat(body: Any, max_choices: int) -> ChatBody:
     """Check a POST /v1/chat/completions body."""
     shared = _shared(body, _SHARED | _CHAT_ONLY, max_choices)
-    _unsupported(body, "logprobs", lambda v: v is False)
-    _unsupported(body, "top_logprobs", lambda v: v == 0)
+    logprobs = _boolean(body, "logprobs", False)
+    top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     _unsupported(body, "response_format", lambda v: v == {"type": "text"})
     _unsupported(body, "tools", lambda v: v == [])
     _unsupported(body, "functions", lambda v: v == [])
@@ -272,8 +316,68 @@ def parse_chat(body: Any, max_choices: int) -> ChatBody:
         raise bad_request("max_tokens and max_completion_tokens differ; send one of them", "max_completion_tokens")
     messages = _messages(body.get("messages"))
     return ChatBody(
-        max_tokens=max_completion if max_completion is not None else max_tokens, messages=messages, **shared
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        messages=messages,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        **shared,
     )
+
+
+def parse_tokenize(body: Any) -> TokenizeBody:
+    """Check a POST /tokenize body: {"prompt": text, "add_special_tokens": true} or {"messages":
+    [...], "add_generation_prompt": true, "add_special_tokens": false} (vLLM's defaults)."""
+    body = _object(body)
+    chat = "messages" in body
+    allowed = {"model", "add_special_tokens", "return_token_strs"}
+    allowed |= {"messages", "add_generation_prompt", "continue_final_message"} if chat else {"prompt"}
+    _known(body, allowed)
+    model = _optional_model(body)
+    _unsupported(body, "continue_final_message", lambda v: v is False)
+    prompt = None
+    if not chat:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad_request("prompt is required: a string (or send messages for a conversation)", "prompt")
+    return TokenizeBody(
+        model=model,
+        prompt=prompt,
+        messages=_messages(body.get("messages")) if chat else None,
+        add_special_tokens=_boolean(body, "add_special_tokens", not chat),
+        add_generation_prompt=_boolean(body, "add_generation_prompt", True),
+        return_token_strs=_boolean(body, "return_token_strs", False),
+    )
+
+
+def parse_detokenize(body: Any) -> DetokenizeBody:
+    """Check a POST /detokenize body: {"tokens": [ids]} (ids are checked against the vocabulary
+    by the server)."""
+    body = _object(body)
+    _known(body, {"model", "tokens"})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise bad_request("tokens is required: a list of token ids", "tokens")
+    return DetokenizeBody(model=_optional_model(body), tokens=tuple(tokens))
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    check_text(body)
+    return body
+
+
+def _known(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unrecognized_argument")
+
+
+def _optional_model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise bad_request("model must be the name of a model from GET /v1/models", "model")
+    return model
 
 
 def _messages(messages: Any) -> tuple[dict[str, str], ...]:
@@ -337,30 +441,109 @@ def model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "moelab"}
 
 
+@dataclass(frozen=True)
+class LogprobEntry:
+    """One token's log-probability as the wire shows it: its text and UTF-8 bytes (a token may
+    hold part of a character: then the text is "bytes:\\xNN..." as OpenAI writes it), logprob
+    None for a prompt's first token, and the most likely alternatives (text, bytes, logprob)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float | None
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
+
+
+def _finite(logprob: float) -> float:
+    # NOTE: JSON has no -inf or NaN; -9999.0 stands for "impossible", as vLLM writes it
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def completion_logprobs(entries: list[LogprobEntry], text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape. top_logprobs maps each alternative's text to its logprob
+    and holds the chosen token too (so up to N+1 entries, as OpenAI documents); null where the
+    logprob is null. text_offset: where each token starts, the cumulative lengths of the token
+    texts from `text_offset` (as vLLM counts them)."""
+    offsets, at = [], text_offset
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry.token)
+    tops: list[dict[str, float] | None] = []
+    for entry in entries:
+        if entry.logprob is None:
+            tops.append(None)
+            continue
+        top = {text: _finite(lp) for text, _, lp in entry.top}
+        top.setdefault(entry.token, _finite(entry.logprob))
+        tops.append(top)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [None if e.logprob is None else _finite(e.logprob) for e in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": _finite(e.logprob if e.logprob is not None else -9999.0),
+                "bytes": list(e.bytes),
+                "top_logprobs": [{"token": t, "logprob": _finite(lp), "bytes": list(b)} for t, b, lp in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
 def completion_response(
-    id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict
+    id: str,
+    created: int,
+    model: str,
+    texts: list[str],
+    reasons: list[str],
+    use: dict,
+    logprobs: list[dict | None] | None = None,
 ) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(texts)
     choices = [
-        {"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))
+        {"index": i, "text": t, "logprobs": lp, "finish_reason": r}
+        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
     ]
     return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": use}
 
 
-def chat_response(id: str, created: int, model: str, texts: list[str], reasons: list[str], use: dict) -> dict[str, Any]:
+def chat_response(
+    id: str,
+    created: int,
+    model: str,
+    texts: list[str],
+    reasons: list[str],
+    use: dict,
+    logprobs: list[dict | None] | None = None,
+) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(texts)
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-        for i, (t, r) in enumerate(zip(texts, reasons))
+        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": r}
+        for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
     ]
     return {"id": id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": use}
 
 
-def completion_chunk(id: str, created: int, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+def completion_chunk(
+    id: str, created: int, model: str, index: int, text: str, reason: str | None, logprobs: dict | None = None
+) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def chat_chunk(id: str, created: int, model: str, index: int, delta: dict, reason: str | None) -> dict[str, Any]:
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+def chat_chunk(
+    id: str, created: int, model: str, index: int, delta: dict, reason: str | None, logprobs: dict | None = None
+) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 

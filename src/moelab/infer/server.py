@@ -6,8 +6,12 @@ into token ids, submitted to the engine and answered whole or as server-sent eve
 answered in OpenAI's shape with its status, and the server keeps serving.
 
 Routes: GET /health (open), GET /metrics, GET /v1/models, GET /v1/models/{id},
-POST /v1/completions, POST /v1/chat/completions. With an API key, all but /health need the header
-`Authorization: Bearer <key>`.
+POST /v1/completions, POST /v1/chat/completions, and vLLM's POST /tokenize, POST /detokenize and
+GET /tokenizer_info (which lm-evaluation-harness's remote tokenizer reads). With an API key, all
+but /health need the header `Authorization: Bearer <key>`.
+
+Chat prompts use the model's chat format (moelab.infer.chat_template.chat_format): the
+tokenizer's Jinja template for imported models (or --chat-template), ChatML for moelab's own.
 
 Connections (uvicorn_server): a request must arrive within the keep-alive timeout, and beyond
 max_connections open connections a new request gets uvicorn's 503. A client that leaves before
@@ -42,7 +46,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from moelab.data.tokenizer import TextTokenizer
 from moelab.infer import protocol as wire
-from moelab.infer.chat import ChatEncoder
+from moelab.infer.chat import CHAT_TEMPLATE
+from moelab.infer.chat_template import ChatFormat, ChatTemplateError, TemplateChat, chat_format
 from moelab.infer.engine import (
     Chunk,
     Engine,
@@ -52,9 +57,12 @@ from moelab.infer.engine import (
     Event,
     Failed,
     Finished,
+    PromptLogprobs,
     QueueFull,
+    TokenLogprob,
 )
 from moelab.infer.engine import Request as EngineRequest
+from moelab.infer.logprobs import TokenStrings
 from moelab.infer.metrics import CONTENT_TYPE, ServerMetrics
 from moelab.infer.protocol import APIError, ChatBody, CompletionBody, bad_request
 from moelab.model import Transformer
@@ -77,20 +85,34 @@ class ServerSettings:
 
 @dataclass
 class Servable:
-    """What the server serves: a model in eval mode on its device, and its tokenizer."""
+    """What the server serves: a model in eval mode on its device, its tokenizer, and its chat
+    template (Jinja text; None: ChatML for moelab's own tokenizers, no chat for others)."""
 
     model: Transformer
     tokenizer: TextTokenizer
     created: int = 0  # Unix time of the weights (GET /v1/models)
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # the template's bos_token, eos_token, ...
+    chat_stop_ids: frozenset[int] = frozenset()  # besides the end-of-text token (generation_config.json)
 
 
-def load_servable(path: str | Path, device: str = "auto") -> Servable:
-    """The newest checkpoint of a run directory, or one checkpoint directory."""
+def load_servable(path: str | Path, device: str = "auto", chat_template: str | None = None) -> Servable:
+    """The newest checkpoint of a run directory, or one checkpoint directory; `chat_template`
+    (Jinja text) overrides the one in the run's tokenizer files."""
     from moelab.device import resolve_device
+    from moelab.infer.chat_template import read_run_chat_files
     from moelab.rundir import load_model
 
     loaded = load_model(path, resolve_device(device))
-    return Servable(loaded.model, loaded.tokenizer, int(loaded.checkpoint.stat().st_mtime))
+    files = read_run_chat_files(loaded.run.path)
+    return Servable(
+        loaded.model,
+        loaded.tokenizer,
+        int(loaded.checkpoint.stat().st_mtime),
+        chat_template if chat_template is not None else files.template,
+        files.special_tokens,
+        files.eos_ids,
+    )
 
 
 class _State:
@@ -100,8 +122,17 @@ class _State:
         self.status = "loading"
         self.error: str | None = None
         self.engine: Engine | None = None
-        self.chat: ChatEncoder | None = None
+        self.chat: ChatFormat | None = None
+        self.no_chat = "this model has no chat format"  # why, when chat is None
+        self.chat_template: str | None = None  # for GET /tokenizer_info
+        self.special_tokens: dict[str, str] = {}
+        self.strings: TokenStrings | None = None
         self.created = 0
+
+    def chat_format(self) -> ChatFormat:
+        if self.chat is None:
+            raise bad_request(self.no_chat, "messages", "chat_not_supported")
+        return self.chat
 
     def stats(self) -> EngineStats | None:
         engine = self.engine
@@ -136,7 +167,8 @@ def create_app(
         try:
             servable = load()
             engine = Engine(servable.model, servable.tokenizer, settings.engine).start()
-            state.chat = ChatEncoder(servable.tokenizer) if ChatEncoder.supports(servable.tokenizer) else None
+            _set_chat(state, servable)
+            state.strings = TokenStrings(servable.tokenizer)
             state.created, state.engine = servable.created, engine
             state.status = "ready"
             log.info("model %r is ready", settings.model_name)
@@ -223,8 +255,17 @@ def create_app(
         tokenizer = engine.tokenizer
         prompts = [_prompt_ids(p, tokenizer) for p in body.prompts]
         max_tokens = _fit_context(prompts, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, engine.context, "prompt")
-        job = _engine_request(body, prompts, max_tokens, frozenset({tokenizer.eos_id}))
-        return await _respond(request, engine, metrics, body, job, chat=False)
+        job = _engine_request(
+            body,
+            prompts,
+            max_tokens,
+            frozenset({tokenizer.eos_id}),
+            logprobs=body.logprobs,
+            prompt_logprobs=body.logprobs if body.echo else None,
+        )
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts] if body.echo else None
+        shape = _Shape(chat=False, logprobs=body.logprobs is not None, echo=echo, strings=state.strings)
+        return await _respond(request, engine, metrics, body, job, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:
@@ -232,18 +273,91 @@ def create_app(
         engine = state.ready_engine()
         body = wire.parse_chat(await _read_json(request, settings.max_body_bytes), engine.config.max_batch)
         check_model(body.model)
-        if state.chat is None:
-            raise bad_request(
-                "this model's tokenizer has no chat tokens (<|im_start|>, <|im_end|>); use /v1/completions",
-                "messages",
-                "chat_not_supported",
-            )
-        prompt = state.chat.encode(body.messages)
+        chat = state.chat_format()
+        prompt = _encode_chat(chat, body.messages, add_generation_prompt=True)
         max_tokens = _fit_context([prompt], body.max_tokens, None, engine.context, "messages")
-        job = _engine_request(body, [prompt], max_tokens, state.chat.stop_token_ids)
-        return await _respond(request, engine, metrics, body, job, chat=True)
+        job = _engine_request(
+            body, [prompt], max_tokens, chat.stop_token_ids, logprobs=body.top_logprobs if body.logprobs else None
+        )
+        shape = _Shape(chat=True, logprobs=body.logprobs, echo=None, strings=state.strings)
+        return await _respond(request, engine, metrics, body, job, shape)
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest) -> Response:
+        authorize(request)
+        engine = state.ready_engine()
+        body = wire.parse_tokenize(await _read_json(request, settings.max_body_bytes))
+        if body.model is not None:
+            check_model(body.model)
+        if body.messages is not None:
+            ids = _encode_chat(state.chat_format(), body.messages, body.add_generation_prompt, body.add_special_tokens)
+        else:
+            ids = engine.tokenizer.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": engine.context, "tokens": ids}
+        if body.return_token_strs:
+            answer["token_strs"] = [engine.tokenizer.tokenizer.id_to_token(i) for i in ids]
+        return JSONResponse(answer)
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest) -> Response:
+        authorize(request)
+        engine = state.ready_engine()
+        body = wire.parse_detokenize(await _read_json(request, settings.max_body_bytes))
+        if body.model is not None:
+            check_model(body.model)
+        _check_vocabulary(body.tokens, engine.tokenizer, "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special=False)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: HTTPRequest) -> Response:
+        authorize(request)
+        engine = state.ready_engine()
+        tokenizer = engine.tokenizer
+        info = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **state.special_tokens,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "bos_token": state.special_tokens.get("bos_token"),
+            "chat_template": state.chat_template,
+            "model_max_length": engine.context,
+            "vocab_size": tokenizer.vocab_size,
+        }
+        return JSONResponse(info)
 
     return app
+
+
+def _set_chat(state: _State, servable: Servable) -> None:
+    """The served model's chat format; a template that does not parse leaves chat off (the
+    message says why) and completions on."""
+    fix = "start the server with --chat-template FILE (a Jinja chat template)"
+    try:
+        state.chat = chat_format(
+            servable.tokenizer, servable.chat_template, servable.special_tokens, servable.chat_stop_ids
+        )
+    except ChatTemplateError as exc:
+        state.chat, state.no_chat = None, f"this model's chat template does not parse ({exc}); {fix}"
+        log.warning("chat is off: %s", state.no_chat)
+        return
+    state.special_tokens = dict(servable.special_tokens)
+    if isinstance(state.chat, TemplateChat):
+        state.chat_template = state.chat.source
+    elif state.chat is not None:
+        state.chat_template = CHAT_TEMPLATE
+    else:
+        state.no_chat = f"this model's tokenizer has no chat template; {fix}, or use /v1/completions"
+
+
+def _encode_chat(
+    chat: ChatFormat, messages, add_generation_prompt: bool = True, add_special_tokens: bool = False
+) -> list[int]:
+    if isinstance(chat, TemplateChat):
+        try:
+            return chat.encode(messages, add_generation_prompt, add_special_tokens)
+        except ChatTemplateError as exc:
+            raise bad_request(f"the chat template failed: {exc}", "messages", "chat_template_error") from None
+    return chat.encode(messages, add_generation_prompt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,11 +400,15 @@ async def _read_json(request: HTTPRequest, limit: int) -> Any:
 def _prompt_ids(prompt: str | tuple[int, ...], tokenizer: TextTokenizer) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
-    vocab = tokenizer.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise bad_request(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+    _check_vocabulary(prompt, tokenizer, "prompt")
     return list(prompt)
+
+
+def _check_vocabulary(ids, tokenizer: TextTokenizer, param: str) -> None:
+    vocab = tokenizer.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"{param} token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
 
 
 def _fit_context(
@@ -321,7 +439,12 @@ def _fit_context(
 
 
 def _engine_request(
-    body: CompletionBody | ChatBody, prompts: list[list[int]], max_tokens: int, stop_ids: frozenset[int]
+    body: CompletionBody | ChatBody,
+    prompts: list[list[int]],
+    max_tokens: int,
+    stop_ids: frozenset[int],
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> EngineRequest:
     return EngineRequest(
         prompts=tuple(tuple(p) for p in prompts),
@@ -331,6 +454,8 @@ def _engine_request(
         seed=body.seed,
         stop=body.stop,
         stop_token_ids=stop_ids,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -385,13 +510,33 @@ class _Subscription:
             self.metrics.cancelled.inc()
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """How a response is built: chat or completion, with logprobs or not, and the prompts'
+    texts when they are echoed."""
+
+    chat: bool
+    logprobs: bool
+    echo: list[str] | None
+    strings: TokenStrings | None
+
+
+@dataclass
+class _Collected:
+    texts: list[list[str]]
+    reasons: list[str]
+    logprobs: list[list[TokenLogprob]]  # per choice, per generated token (when asked)
+    prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]]  # per prompt (when asked)
+
+
 async def _respond(
-    request: HTTPRequest, engine: Engine, metrics: ServerMetrics, body, job: EngineRequest, chat: bool
+    request: HTTPRequest, engine: Engine, metrics: ServerMetrics, body, job: EngineRequest, shape: _Shape
 ) -> Response:
+    chat = shape.chat
     sub = _Subscription(engine, job, metrics)
     response_id, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
     if body.stream:
-        stream = _sse(sub, job, body, response_id, created, chat)
+        stream = _sse(sub, job, body, response_id, created, shape)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     collect = asyncio.ensure_future(_collect(sub, job.choices))
@@ -405,23 +550,42 @@ async def _respond(
         sub.close()
     if not collect.done() or collect.cancelled():
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
-    texts, reasons, finished = collect.result()
+    got, finished = collect.result()
     use = wire.usage(finished.prompt_tokens, finished.completion_tokens)
-    build = wire.chat_response if chat else wire.completion_response
-    return JSONResponse(build(response_id, created, body.model, texts, reasons, use))
+    texts = ["".join(t) for t in got.texts]
+    reasons = [r or "length" for r in got.reasons]  # max_tokens 0: no token, cut by the length
+    logprobs: list[dict | None] | None = None
+    if chat:
+        if shape.logprobs:
+            logprobs = [wire.chat_logprobs([shape.strings.entry(t) for t in lps]) for lps in got.logprobs]
+        return JSONResponse(wire.chat_response(response_id, created, body.model, texts, reasons, use, logprobs))
+    if shape.echo is not None:
+        texts = [shape.echo[i // job.n] + t for i, t in enumerate(texts)]
+    if shape.logprobs:
+        logprobs = []
+        for i, lps in enumerate(got.logprobs):
+            entries = [shape.strings.entry(t) for t in lps]
+            if shape.echo is not None:
+                p = i // job.n
+                entries = shape.strings.prompt_entries(job.prompts[p], got.prompt_logprobs[p]) + entries
+            logprobs.append(wire.completion_logprobs(entries))
+    return JSONResponse(wire.completion_response(response_id, created, body.model, texts, reasons, use, logprobs))
 
 
-async def _collect(sub: _Subscription, choices: int) -> tuple[list[str], list[str], Finished]:
-    texts: list[list[str]] = [[] for _ in range(choices)]
-    reasons = [""] * choices
+async def _collect(sub: _Subscription, choices: int) -> tuple[_Collected, Finished]:
+    got = _Collected([[] for _ in range(choices)], [""] * choices, [[] for _ in range(choices)], {})
     while True:
         event = await sub.next()
         if isinstance(event, Chunk):
-            texts[event.index].append(event.text)
+            got.texts[event.index].append(event.text)
+            if event.logprob is not None:
+                got.logprobs[event.index].append(event.logprob)
             if event.finish_reason:
-                reasons[event.index] = event.finish_reason
+                got.reasons[event.index] = event.finish_reason
+        elif isinstance(event, PromptLogprobs):
+            got.prompt_logprobs[event.prompt] = event.logprobs
         elif isinstance(event, Finished):
-            return ["".join(t) for t in texts], reasons, event
+            return got, event
         else:
             raise APIError(500, event.message, "server_error", None, "generation_failed")
 
@@ -439,11 +603,13 @@ def _sse_line(payload: dict[str, Any] | str) -> str:
 
 
 async def _sse(
-    sub: _Subscription, job: EngineRequest, body, response_id: str, created: int, chat: bool
+    sub: _Subscription, job: EngineRequest, body, response_id: str, created: int, shape: _Shape
 ) -> AsyncIterator[str]:
-    """Server-sent events: chunks as tokens become text, an optional usage chunk, then [DONE].
-    Starlette cancels this generator when the client disconnects; `finally` frees the rows."""
-    model = body.model
+    """Server-sent events: chunks as tokens become text (with the token's logprobs when asked,
+    also for a token whose text is held back), an optional usage chunk, then [DONE]. Starlette
+    cancels this generator when the client disconnects; `finally` frees the rows."""
+    model, chat = body.model, shape.chat
+    offsets = [0] * job.choices  # completions' text_offset: characters of token text so far
     try:
         if chat:
             for index in range(job.choices):
@@ -453,19 +619,28 @@ async def _sse(
         while True:
             event = await sub.next()
             if isinstance(event, Chunk):
+                entry = shape.strings.entry(event.logprob) if event.logprob is not None else None
                 if chat:
-                    if event.text:
-                        yield _sse_line(
-                            wire.chat_chunk(response_id, created, model, event.index, {"content": event.text}, None)
-                        )
+                    if event.text or entry:
+                        lps = wire.chat_logprobs([entry]) if entry else None
+                        delta = {"content": event.text}
+                        yield _sse_line(wire.chat_chunk(response_id, created, model, event.index, delta, None, lps))
                     if event.finish_reason:
                         yield _sse_line(
                             wire.chat_chunk(response_id, created, model, event.index, {}, event.finish_reason)
                         )
-                elif event.text or event.finish_reason:
+                elif event.text or event.finish_reason or entry:
+                    lps = None
+                    if entry:
+                        lps = wire.completion_logprobs([entry], offsets[event.index])
+                        offsets[event.index] += len(entry.token)
                     yield _sse_line(
-                        wire.completion_chunk(response_id, created, model, event.index, event.text, event.finish_reason)
+                        wire.completion_chunk(
+                            response_id, created, model, event.index, event.text, event.finish_reason, lps
+                        )
                     )
+            elif isinstance(event, PromptLogprobs):
+                continue  # echo is refused with stream
             elif isinstance(event, Finished):
                 if body.include_usage:
                     use = wire.usage(event.prompt_tokens, event.completion_tokens)
@@ -524,7 +699,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         return answer(500, f"internal server error: {type(exc).__name__}", "server_error")
 
 
-_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_ENDPOINTS = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+)
 
 
 class _MetricsMiddleware:
