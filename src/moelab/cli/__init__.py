@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from moelab.cli import analysis, diagnose, interop, run, serve
+from moelab.cli import analysis, data, diagnose, interop, run, serve
 from moelab.cli.common import EXIT_USAGE, log_err
 from moelab.errors import MoelabError
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for module in (run, analysis, diagnose, serve, interop):
+    for module in (run, data, analysis, diagnose, serve, interop):
         module.register(sub, _command)
     return parser
 

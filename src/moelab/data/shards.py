@@ -1,42 +1,40 @@
-"""Tokenise a corpus once into memory-mapped token files, cached by a hash of sources and tokenizer.
+"""The data a run trains on: a tokenised directory given directly, or text tokenised once into the
+token cache.
 
-Cache layout: <cache>/<key>/{tokenizer.json, train.bin, val.bin, meta.json}, where key hashes the
-corpus fingerprint (every document's name and text) and the tokenizer settings. Entries are written
-to a temporary directory and renamed into place, so an interrupted run never leaves a half entry.
+`data.source` naming a tokenised directory (`tokens:DIR`, or a directory holding `manifest.json`, or
+nanoGPT's `train.bin` / `val.bin` with a `tokenizer.json`) is memory-mapped as it is. Any text
+source is tokenised by the same streamed writer as `moelab tokenize` into
+`<cache>/<key>/`, where key hashes the job: every input file's path, size and mtime, the split,
+tokenizer and shard settings (never the text, so a start costs a directory listing, not a read of
+the corpus). An unfinished entry resumes. One process builds an entry: the others (torchrun ranks,
+other jobs) wait on a file lock and then read the finished entry.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import fcntl
 import os
-import shutil
-import tempfile
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from moelab.config import DataConfig
-from moelab.data.corpus import Corpus, Document, load_corpus
-from moelab.data.tokenizer import (
-    HF_TOKENIZER_CONFIG,
-    TextTokenizer,
-    bytes_tokenizer,
-    train_bpe,
-)
+from moelab.data.corpus import open_source
+from moelab.data.tokendir import MANIFEST, ShardedTokens, is_token_dir, open_token_dir, read_manifest, summary
+from moelab.data.tokenize import TokenizeOptions, job_key, job_of, tokenize
+from moelab.data.tokenizer import TextTokenizer
 from moelab.errors import MoelabError
 
-FORMAT_VERSION = 1
-ENCODE_BATCH_DOCS = 256
+TOKENS_PREFIX = "tokens:"
 
 
 @dataclass
 class TokenData:
-    train: np.ndarray  # memory-mapped token ids, documents separated by the EOS token
-    val: np.ndarray
+    train: ShardedTokens  # memory-mapped token ids, documents separated by the EOS token
+    val: ShardedTokens
     tokenizer: TextTokenizer
     meta: dict
 
@@ -48,96 +46,70 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "moelab"
 
 
-def _tokenizer_file(cfg: DataConfig) -> Path:
-    path = Path(cfg.tokenizer_file).expanduser()
-    if not path.is_file():
-        raise MoelabError(f"data.tokenizer_file {path} does not exist (give the tokenizer.json to tokenise with)")
-    return path
+def token_dir_of(source: str) -> Path | None:
+    """The tokenised directory `data.source` names, or None for a text source."""
+    if source.startswith(TOKENS_PREFIX):
+        path = Path(source[len(TOKENS_PREFIX) :]).expanduser()
+        if not is_token_dir(path):
+            raise MoelabError(
+                f"{path} is not a tokenised directory: it has no {MANIFEST} (nor train.bin and val.bin); "
+                "make one with `moelab tokenize SRC DIR`"
+            )
+        return path
+    if source != "stdlib" and is_token_dir(Path(source).expanduser()):
+        return Path(source).expanduser()
+    return None
 
 
-def _cache_key(corpus: Corpus, cfg: DataConfig) -> str:
-    h = hashlib.sha256()
-    h.update(f"v{FORMAT_VERSION}\0{cfg.tokenizer}\0{cfg.vocab_size if cfg.tokenizer == 'bpe' else 0}\0".encode())
-    if cfg.tokenizer == "file":  # the tokenizer's own content decides the tokens
-        path = _tokenizer_file(cfg)
-        h.update(path.read_bytes())
-        config = path.with_name(HF_TOKENIZER_CONFIG)
-        h.update(config.read_bytes() if config.is_file() else b"")
-    h.update(corpus.fingerprint().encode())
-    return h.hexdigest()[:24]
-
-
-def prepare_data(cfg: DataConfig, log: Callable[[str], None] = lambda s: None) -> TokenData:
-    """Load the corpus, then reuse or build its tokenizer and token files."""
+def prepare_data(
+    cfg: DataConfig, log: Callable[[str], None] = lambda s: None, progress: bool | None = None
+) -> TokenData:
+    """The run's tokens: a tokenised directory as it is, or the token cache's entry for a text
+    source (built, or resumed, here if it is not complete; a progress line on a terminal)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     started = time.perf_counter()
-    corpus = load_corpus(cfg)
-    key = _cache_key(corpus, cfg)
-    entry = cache_root(cfg) / key
-    if not (entry / "meta.json").is_file():
-        log(f"tokenising {corpus.description}: {len(corpus.train)} train / {len(corpus.val)} validation documents")
-        _build_entry(corpus, cfg, entry)
-    data = load_entry(entry)
+    path = token_dir_of(cfg.source)
+    if path is None:
+        source = open_source(cfg)
+        options = TokenizeOptions()
+        entry = cache_root(cfg) / job_key(job_of(cfg, source, options))
+        if not _complete(entry):
+            with _locked(entry, log):
+                if not _complete(entry):  # another process may have built it while we waited
+                    log(f"tokenising {source.description} into the token cache ({entry})")
+                    tokenize(cfg, entry, options, log=log, progress=progress)
+        path = entry
+    data = open_token_dir(path, log)
+    meta = summary(data)
     log(
-        f"data: {data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} validation tokens, "
-        f"vocabulary {data.tokenizer.vocab_size} ({cfg.tokenizer}), ready in {time.perf_counter() - started:.1f}s"
+        f"data: {len(data.train):,} train / {len(data.val):,} validation tokens in "
+        f"{meta['train_shards'] + meta['val_shards']} shard(s), vocabulary {data.tokenizer.vocab_size}, "
+        f"ready in {time.perf_counter() - started:.1f}s"
     )
-    return data
+    return TokenData(train=data.train, val=data.val, tokenizer=data.tokenizer, meta=meta)
 
 
-def load_entry(entry: Path) -> TokenData:
-    meta = json.loads((entry / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    train = np.memmap(entry / "train.bin", dtype=dtype, mode="r")
-    val = np.memmap(entry / "val.bin", dtype=dtype, mode="r")
-    return TokenData(train=train, val=val, tokenizer=TextTokenizer.load(entry / "tokenizer.json"), meta=meta)
-
-
-def _build_entry(corpus: Corpus, cfg: DataConfig, entry: Path) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer == "bytes":
-        tokenizer = bytes_tokenizer()
-    elif cfg.tokenizer == "file":
-        tokenizer = TextTokenizer.load(_tokenizer_file(cfg))
-    else:
-        tokenizer = train_bpe((d.text for d in corpus.train), cfg.vocab_size, length=len(corpus.train))
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+def _complete(entry: Path) -> bool:
+    if not (entry / MANIFEST).is_file():
+        return False
     try:
-        tokenizer.save(tmp / "tokenizer.json")
-        train_tokens = _write_tokens(corpus.train, tokenizer, tmp / "train.bin", dtype)
-        val_tokens = _write_tokens(corpus.val, tokenizer, tmp / "val.bin", dtype)
-        meta = {
-            "format": FORMAT_VERSION,
-            "description": corpus.description,
-            "tokenizer": cfg.tokenizer,
-            "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "train_documents": len(corpus.train),
-            "val_documents": len(corpus.val),
-            "train_tokens": train_tokens,
-            "val_tokens": val_tokens,
-            "train_chars": corpus.train_chars,
-            "skipped_files": corpus.skipped,
-            "fingerprint": corpus.fingerprint(),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        return read_manifest(entry).get("status") == "complete"
+    except MoelabError:
+        return False
+
+
+@contextmanager
+def _locked(entry: Path, log: Callable[[str], None]):
+    """An exclusive lock on `<entry>.lock` (released by the kernel if the holder dies)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "a+") as f:
         try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():  # not a concurrent writer finishing first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_tokens(docs: list[Document], tokenizer: TextTokenizer, path: Path, dtype) -> int:
-    total = 0
-    with open(path, "wb") as f:
-        for start in range(0, len(docs), ENCODE_BATCH_DOCS):
-            batch = docs[start : start + ENCODE_BATCH_DOCS]
-            for ids in tokenizer.encode_batch([d.text for d in batch]):
-                ids.append(tokenizer.eos_id)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                total += len(ids)
-    return total
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish tokenising into {entry}")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
