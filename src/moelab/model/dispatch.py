@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moelab.model.grouped_mm_op import grouped_mm_op
 from moelab.model.mlp import swiglu_product
 
 
@@ -25,6 +26,16 @@ class DispatchPlan:
     weight_S: torch.Tensor  # [S] fp32, routing weight of each slot
     tokens_per_expert_E: torch.Tensor  # [E] int64, slots kept per expert (sums to S)
     dropped_slots: torch.Tensor  # [] int64, slots routed but dropped by capacity (or tokens with no expert)
+
+
+def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many entries of `expert_index` name each expert."""
+    if torch.compiler.is_compiling():
+        # NOTE: bincount's output length depends on the data, which breaks a compiled graph;
+        # scatter_add into E zeros has a fixed shape and gives the same counts.
+        counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_index.device)
+        return counts_E.scatter_add_(0, expert_index, torch.ones_like(expert_index))
+    return torch.bincount(expert_index, minlength=num_experts)
 
 
 def plan_token_choice(
@@ -46,7 +57,7 @@ def plan_token_choice(
     # NOTE: sort(...).indices, not argsort(stable=True): the same order, far faster on CPU
     # (measured: docs/architecture.md, Measured choices).
     order = torch.sort(expert_of_slot, stable=True).indices  # [k*T] slots grouped by expert
-    tokens_per_expert = torch.bincount(expert_of_slot, minlength=num_experts)  # [E]
+    tokens_per_expert = count_per_expert(expert_of_slot, num_experts)  # [E]
     dropped = tokens_per_expert.new_zeros(())
     if capacity is not None:
         group_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # [E]
@@ -108,6 +119,9 @@ def grouped_mm(
         impl = "grouped_mm" if grouped_mm_available(x_SK, weight_ENK) else "padded"
     if impl == "grouped_mm":
         offsets_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        if x_SK.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            # NOTE: aten._grouped_mm's shape rule refuses fp32 under tracing (moelab.model.grouped_mm_op)
+            return grouped_mm_op(x_SK, weight_ENK, offsets_E)
         return torch._grouped_mm(x_SK, weight_ENK.transpose(-2, -1), offs=offsets_E)
     if impl == "padded":
         return _padded_grouped_mm(x_SK, weight_ENK, tokens_per_expert_E)

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import MoEConfig
-from moelab.model.dispatch import DispatchPlan, experts_swiglu, plan_expert_choice, plan_token_choice
+from moelab.model.dispatch import (
+    DispatchPlan,
+    count_per_expert,
+    experts_swiglu,
+    plan_expert_choice,
+    plan_token_choice,
+)
 from moelab.model.mlp import SwiGLU
 
 
@@ -68,7 +74,7 @@ class Router(nn.Module):
             plan = plan_expert_choice(token_EC, weight_EC * cfg.route_scale, T)
             return Routing(plan, logits_TE, probs_TE, slots_per_expert_E=plan.tokens_per_expert_E)
         expert_TK, weight_TK = self.choose(logits_TE, scores_TE)
-        slots_E = torch.bincount(expert_TK.reshape(-1), minlength=cfg.num_experts)
+        slots_E = count_per_expert(expert_TK.reshape(-1), cfg.num_experts)
         plan = plan_token_choice(expert_TK, weight_TK, cfg.num_experts, capacity)
         return Routing(plan, logits_TE, probs_TE, slots_per_expert_E=slots_E)
 
@@ -161,6 +167,13 @@ class MoE(nn.Module):
         # start_step before each optimizer step.
         self.balance_over_step = False
         E = cfg.num_experts
+        # NOTE (activation checkpointing): False while the backward recomputes this layer's forward
+        # (moelab.model.transformer sets it). The first forward already recorded the statistics, the
+        # bias load and the step's balancing load; the replay adds zeros to them, and so builds its
+        # Switch loss from the same step load (or its gradient would differ). A tensor, not a Python
+        # flag, so that a compiled block replays the graph it ran forward: another graph saves
+        # other tensors, which checkpointing refuses.
+        self.register_buffer("recording", torch.ones((), dtype=torch.bool), persistent=False)
         # Training statistics since the last read (non-persistent: never saved with the weights).
         self.register_buffer("stat_tokens_per_expert", torch.zeros(E), persistent=False)
         self.register_buffer("stat_prob_sum", torch.zeros(E), persistent=False)
@@ -205,11 +218,12 @@ class MoE(nn.Module):
                 # NOTE: the load of the step so far: micro-batch m is balanced against the slots of
                 # micro-batches 1..m (the last one against the whole step's). An exact gradient would
                 # need every micro-batch's load before the first backward; the value is exact
-                # (step_balance_loss).
+                # (step_balance_loss). A recomputation (activation checkpointing) runs inside this
+                # micro-batch's backward, before the next forward, so it reads the same load.
                 with torch.no_grad():
-                    self.step_slots += slots_E
-                    self.step_prob_sum += routing.probs_TE.sum(0)
-                    self.step_tokens += routing.probs_TE.shape[0]
+                    self.step_slots += self._recorded(slots_E)
+                    self.step_prob_sum += self._recorded(routing.probs_TE.sum(0))
+                    self.step_tokens += self._recorded(routing.probs_TE.new_full((), routing.probs_TE.shape[0]))
                 slots_E = self.step_slots
             slot_share_E = slots_E.float() / slots_E.sum().clamp_min(1)
             mean_prob_E = routing.probs_TE.mean(0)
@@ -238,12 +252,16 @@ class MoE(nn.Module):
         coef = cfg.aux_loss_coef * self.balance_scale
         return float(coef * cfg.num_experts * (share_E * mean_prob_E).sum())
 
+    def _recorded(self, value: torch.Tensor) -> torch.Tensor:
+        """`value`, or zeros during an activation-checkpointing replay (`recording` false)."""
+        return torch.where(self.recording, value, torch.zeros_like(value))  # NOTE: not a product: 0 * inf is NaN
+
     @torch.no_grad()
     def _record(self, routing: Routing, num_tokens: int) -> None:
         kept_E = routing.plan.tokens_per_expert_E.float()
-        self.stat_tokens_per_expert += kept_E
-        self.stat_prob_sum += routing.probs_TE.sum(0)
-        self.load_since_update += routing.slots_per_expert_E.float()
+        self.stat_tokens_per_expert += self._recorded(kept_E)
+        self.stat_prob_sum += self._recorded(routing.probs_TE.sum(0))
+        self.load_since_update += self._recorded(routing.slots_per_expert_E.float())
         probs = routing.probs_TE
         entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).sum()
         z = torch.logsumexp(routing.logits_TE, dim=-1).square().sum()
@@ -261,8 +279,10 @@ class MoE(nn.Module):
                 torch.zeros((), device=kept_E.device),
             ]
         )
-        self.stat_scalars += update
-        self.stat_scalars[6] = torch.maximum(self.stat_scalars[6], routing.logits_TE.max())
+        self.stat_scalars += self._recorded(update)
+        max_logit = routing.logits_TE.max()
+        max_logit = torch.where(self.recording, max_logit, torch.full_like(max_logit, -math.inf))
+        self.stat_scalars[6] = torch.maximum(self.stat_scalars[6], max_logit)
 
     def read_stats(self, reset: bool = True) -> dict[str, object]:
         """Router statistics accumulated by training forwards since the last reset.

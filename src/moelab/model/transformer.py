@@ -7,11 +7,15 @@ Dh head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.config import ModelConfig
 from moelab.model.mlp import SwiGLU
@@ -161,6 +165,23 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
+@contextmanager
+def _replaying(block: Block) -> Iterator[None]:
+    """While the backward recomputes `block` (activation checkpointing): its MoE layer records
+    nothing, since the first forward already did (MoE.recording)."""
+    block.ffn.recording.fill_(False)
+    try:
+        yield
+    finally:
+        block.ffn.recording.fill_(True)
+
+
+def _checkpoint_contexts(block: Block) -> tuple[nullcontext, object]:
+    """torch.utils.checkpoint's context_fn: nothing around the forward, `_replaying` around the
+    recomputation."""
+    return nullcontext(), (_replaying(block) if isinstance(block.ffn, MoE) else nullcontext())
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,6 +198,10 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Training-time forms of the blocks, set by the trainer (train.activation_checkpointing,
+        # train.compile); neither changes parameters, names or the state dict.
+        self.activation_checkpointing = False
+        self.blocks_compiled = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -229,12 +254,40 @@ class Transformer(nn.Module):
             raise ValueError(f"batch of {B} rows exceeds the cache's {cache.batch} rows")
         x = self.embed(tokens_BT)
         aux_total = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, positions_BT, cache, i, rows_B)
-            if aux is not None:
-                aux_total = aux_total + aux
+        # NOTE: compiled blocks serve training forwards only; evaluation and decoding (other shapes,
+        # a cache) run eager rather than recompile for every new shape.
+        eager = self.blocks_compiled and (cache is not None or not self.training)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        with torch.compiler.set_stance("force_eager") if eager else nullcontext():
+            for i, block in enumerate(self.blocks):
+                if recompute:
+                    # Only the block's input is kept; its activations are recomputed in the backward.
+                    x, aux = checkpoint(
+                        block,
+                        x,
+                        cos,
+                        sin,
+                        positions_BT,
+                        cache,
+                        i,
+                        rows_B,
+                        use_reentrant=False,
+                        context_fn=partial(_checkpoint_contexts, block),
+                    )
+                else:
+                    x, aux = block(x, cos, sin, positions_BT, cache, i, rows_B)
+                if aux is not None:
+                    aux_total = aux_total + aux
         logits = self.lm_head(self.norm(x))
         return ModelOutput(logits=logits, aux_loss=aux_total)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every block, in place (`nn.Module.compile`: names and state dict unchanged),
+        for training forwards (train.compile). Called where a model is built for training, never
+        at import; the first forward compiles. The eager blocks stay the reference."""
+        for block in self.blocks:
+            block.compile(**options)
+        self.blocks_compiled = True
 
     def router_stats(self, reset: bool = True) -> dict[int, dict[str, object]]:
         """Per-layer router statistics since the last reset, keyed by layer index."""

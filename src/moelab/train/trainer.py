@@ -1,7 +1,7 @@
 """The training loop: AdamW + schedule, gradient accumulation, MoE losses and bias balancing,
 evaluation, budgets, and the monitor's guardrails (including rollback), over the parts that keep
-state (moelab.train.checkpointer), write logs (moelab.train.metrics_log) and span processes
-(moelab.train.runtime)."""
+state (moelab.train.checkpointer), write logs and feed the experiment trackers
+(moelab.train.metrics_log, moelab.train.trackers) and span processes (moelab.train.runtime)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from moelab.errors import MoelabError
 from moelab.files import write_atomic
 from moelab.model import Transformer
 from moelab.model.accounting import memory_estimate_bytes, param_counts, train_flops_per_token
+from moelab.model.compiling import compile_problem
 from moelab.model.health import LayerHealth, health_to_metrics
 from moelab.rundir import RunDir
 from moelab.train.checkpointer import Checkpointer, Counters, new_monitor
@@ -43,6 +44,7 @@ from moelab.train.schedule import (
     router_frozen,
     set_learning_rate,
 )
+from moelab.train.trackers import require_trackers
 
 # (model, tokenizer, tokens, seed) -> a short text sample drawn at the end of a run
 Sampler = Callable[[Transformer, TextTokenizer, int, int], str]
@@ -92,9 +94,10 @@ class Trainer:
     """Train one run. `resume` is False, True (newest checkpoint) or a checkpoint path.
 
     The parts: a runtime (one process or torchrun's; moelab.train.runtime), the checkpointer (every
-    piece of state a resume or rollback restores; moelab.train.checkpointer), the metrics log
-    (moelab.train.metrics_log) and the monitor (moelab.train.monitor). `fit` is the loop over them:
-    a step, an interval log, the alerts' actions, the scheduled evaluations and checkpoints."""
+    piece of state a resume or rollback restores; moelab.train.checkpointer), the metrics log and
+    its trackers (moelab.train.metrics_log, moelab.train.trackers) and the monitor
+    (moelab.train.monitor). `fit` is the loop over them: a step, an interval log, the alerts'
+    actions, the scheduled evaluations and checkpoints."""
 
     def __init__(
         self,
@@ -108,6 +111,7 @@ class Trainer:
         sampler: Sampler | None = None,
     ):
         self.cfg = cfg
+        require_trackers(cfg.train.report_to)  # a missing package is named before any work
         # NOTE: the end-of-run sample is drawn by a function the caller gives (the CLI gives
         # moelab.infer.generate.training_sample), so training does not depend on inference.
         self.sampler = sampler
@@ -123,12 +127,18 @@ class Trainer:
         if description := self.runtime.describe():
             self.log(description)
         self.device = self.runtime.device
+        if cfg.train.compile and (problem := compile_problem(self.device)):
+            # before the data work and the run directory: a refusal leaves nothing behind
+            raise MoelabError(
+                f"train.compile = true cannot run on {self.device.type} here: {problem}; set train.compile = false"
+            )
         self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
         self.metrics = MetricsLog(self.run, enabled=self.is_main)
         if self.is_main and (stale := remove_stale_temporaries(self.run.path)):
             self.log(f"removed {len(stale)} unfinished checkpoint write(s) from an earlier crash: {stale[0].name}")
         self.restart_in_place = False  # a run that stopped before its first checkpoint starts again
         resume_from = self._resume_checkpoint(resume)
+        self.resumed = resume_from is not None
         self._prepare_data(resume_from)
         self._build_model()
         self.monitor = new_monitor(cfg)
@@ -224,6 +234,10 @@ class Trainer:
         self.runtime.shard(self.model)  # (distributed) this rank's experts only, before moving to the device
         self.runtime.seed_rank(seed)
         self.model.to(self.device)
+        # Training forms of the blocks (docs/distributed.md): the weights and state dict are unchanged.
+        self.model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.train.compile:
+            self.model.compile_blocks()
         self.train_model: torch.nn.Module = self.runtime.wrap(self.model)  # what training forwards call (DDP)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
@@ -429,11 +443,18 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train until max_steps, a budget, `stop_at` steps, or a monitor stop; always ends with an
-        evaluation and a checkpoint so the run can be resumed or served."""
-        cfg, c = self.cfg.train, self.counters
-        session_start, wall_at_start = time.perf_counter(), c.wall_s
+        evaluation and a checkpoint so the run can be resumed or served. The trackers of
+        train.report_to receive every metrics row of the session and are closed when it ends."""
         if (finished := self._already_finished()) is not None:
             return finished
+        # the first step this session logs: metrics.jsonl kept the rows up to the resumed step
+        first_step = self.step + 1 if (self.resumed or self.step > 0) else 0
+        with self.metrics.tracking(self.cfg, first_step, self.log):
+            return self._train(stop_at)
+
+    def _train(self, stop_at: int | None) -> TrainResult:
+        cfg, c = self.cfg.train, self.counters
+        session_start, wall_at_start = time.perf_counter(), c.wall_s
         self.model.train()
         self._announce()
         # NOTE: also after resuming a weights-only checkpoint (step 0, never evaluated), so its
