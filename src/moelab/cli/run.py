@@ -85,7 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Validation loss and perplexity of a run (its newest checkpoint) or of one checkpoint, on the
-    run's own validation split (or on --data)."""
+    run's own validation split (or on --data).
+
+    With --tasks, lm-evaluation-harness tasks instead: on the model in this process, or through a
+    running `moelab serve` (--server URL). Local task files (--include a YAML file or a folder) work
+    offline; the results go to RUN/eval/lm_eval-<time>.json, every example's log-likelihoods included.
+    """
+    if args.tasks is not None:
+        return _eval_tasks(args)
     import torch
 
     from moelab.data.loader import eval_batches
@@ -132,6 +139,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"{loaded.run.path} {loaded.checkpoint.name}: validation loss {loss:.4f}, perplexity {result['val_ppl']:.2f} over {count:,} tokens"
         )
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from moelab.extras import require
+
+    require("moelab eval --tasks", "eval")
+    from moelab.device import resolve_device
+    from moelab.infer.harness import MoelabLM, run_tasks
+    from moelab.rundir import load_model, resolve_checkpoint
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MoelabError("--tasks is empty: give task names or task YAML files, separated by commas")
+    if args.limit is not None and args.limit < 1:
+        raise MoelabError(f"--limit {args.limit} is not allowed: examples per task, an integer >= 1")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise MoelabError(f"--num-fewshot {args.num_fewshot} is not allowed: an integer >= 0")
+    if args.batch_size < 1:
+        raise MoelabError(f"--batch-size {args.batch_size} is not allowed: sequences per batch, an integer >= 1")
+    if args.server:
+        run, _ = resolve_checkpoint(args.run)
+        lm, label = None, f"server {args.server}"
+    else:
+        loaded = load_model(args.run, resolve_device(args.device))
+        run = loaded.run
+        lm, label = MoelabLM(loaded.model, loaded.tokenizer, args.batch_size), loaded.checkpoint.name
+    result = run_tasks(
+        lm,
+        tasks,
+        Path(run.path) / "eval",
+        include=args.include or [],
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        server_url=args.server,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        print(json.dumps({"path": str(result.path), "results": result.results}, default=str))
+    else:
+        for task, metrics in result.results.items():
+            shown = ", ".join(
+                f"{name.split(',')[0]} {value:.4f}"
+                for name, value in metrics.items()
+                if isinstance(value, float) and "stderr" not in name
+            )
+            print(f"{task} ({label}): {shown}")
+        print(f"results and per-example log-likelihoods: {result.path}")
     return 0
 
 
@@ -182,7 +237,14 @@ def _moe_summary(moe) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Total and active parameters, FLOPs per token (training and inference) and a training memory
-    estimate, for a config, a preset or a run directory."""
+    estimate, for a config, a preset or a run directory. With --data naming a tokenised directory
+    (and no config): its documents, tokens per split, shards, dtype and tokenizer."""
+    if args.data and not args.config and not args.preset:
+        from moelab.cli.data import print_data_info
+        from moelab.data.shards import token_dir_of
+
+        if (path := token_dir_of(args.data)) is not None:
+            return print_data_info(path, args.json)
     from moelab.model import accounting as acc
     from moelab.rundir import RunDir
     from moelab.train.progress import format_count
@@ -248,6 +310,15 @@ def register(sub, command) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks instead: names or task YAML files, comma-separated")
+    p.add_argument(
+        "--include", action="append", metavar="PATH", help="a task YAML file or a folder of them (repeatable)"
+    )
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's own)")
+    p.add_argument(
+        "--server", metavar="URL", help="evaluate through a running `moelab serve` at URL (e.g. http://127.0.0.1:8000)"
+    )
 
     p = command(sub, "generate", cmd_generate, "generate text from a run, streamed")
     p.add_argument("run", metavar="RUN_DIR", help="a run directory or one of its checkpoints")
