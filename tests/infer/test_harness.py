@@ -136,6 +136,45 @@ def test_in_process_matches_the_harness_hf_model_on_the_export(tiny, tiny_run, t
     assert (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+def test_through_the_server_matches_the_harness_hf_model_on_the_export(tiny, tiny_run, tiny_servable, tmp_path):
+    """The harness's own OpenAI-completions client (`local-completions`: echo + logprobs, the
+    server's /tokenize) against `moelab serve` scores every example as `lm_eval --model hf` does on
+    the run's export (1e-4)."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("tenacity")
+    import httpx
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from moelab.infer.server import BackgroundServer, ServerSettings, create_app
+    from moelab.interop.export import export_hf
+    from tests.infer.helpers import wait_for
+
+    export_hf(tiny_run, tmp_path / "hf")
+    # NOTE: within the context window; beyond it the harness's API client keeps one token less of
+    # context than its Hugging Face model (and MoelabLM) do.
+    make_task(tmp_path, name="moelab_served_mc", examples=5, max_chars=tiny.model.cfg.max_seq_len - 4)
+    server = BackgroundServer(create_app(lambda: tiny_servable, ServerSettings(model_name="tiny"))).start()
+    try:
+        wait_for(lambda: httpx.get(server.url + "/health").status_code == 200, what="the model to load")
+        served = run_tasks(None, ["moelab_served_mc"], tmp_path / "a", include=[tmp_path], server_url=server.url)
+    finally:
+        server.stop()
+    hf = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32", "device": "cpu"},
+        tasks=["moelab_served_mc"],
+        task_manager=TaskManager(include_path=[str(tmp_path)]),
+        log_samples=True,
+    )
+    a = torch.tensor(per_example(served.samples["moelab_served_mc"]))
+    b = torch.tensor(per_example(hf["samples"]["moelab_served_mc"]))
+    assert a.shape == b.shape == (5, 3)
+    assert (a - b).abs().max() < 1e-4
+    assert json.loads(served.path.read_text())["model"] == f"server {server.url}"
+
+
 def test_eval_tasks_cli_writes_results_into_the_run(tiny_run, tmp_path, capsys):
     make_task(tmp_path, name="moelab_cli_mc", examples=4)
     code = main(["eval", str(tiny_run), "--tasks", str(tmp_path / "moelab_cli_mc.yaml"), "--limit", "3", "--json"])
@@ -172,34 +211,6 @@ def test_bad_task_input_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
 def test_task_files_check_accepts_function_tags(tmp_path):
     (tmp_path / "t.yaml").write_text("task: t\nprocess_docs: !function utils.process\n")
     assert check_task_files([tmp_path]) == [tmp_path / "t.yaml"]
-
-
-@pytest.mark.slow
-def test_through_the_server_equals_in_process(tiny, tiny_servable, tmp_path):
-    """The harness's own OpenAI-completions client (`local-completions`, echo + logprobs, the
-    server's /tokenize) against `moelab serve` scores every example as the in-process model does,
-    which the test above ties to `lm_eval --model hf` on the export."""
-    pytest.importorskip("tenacity")
-    import httpx
-
-    from moelab.infer.server import BackgroundServer, ServerSettings, create_app
-    from tests.infer.helpers import wait_for
-
-    # NOTE: within the context window; beyond it the harness's API client keeps one token less
-    # of context than its Hugging Face model (and this class) do.
-    make_task(tmp_path, name="moelab_served_mc", examples=5, max_chars=tiny.model.cfg.max_seq_len - 4)
-    server = BackgroundServer(create_app(lambda: tiny_servable, ServerSettings(model_name="tiny"))).start()
-    try:
-        wait_for(lambda: httpx.get(server.url + "/health").status_code == 200, what="the model to load")
-        served = run_tasks(None, ["moelab_served_mc"], tmp_path / "a", include=[tmp_path], server_url=server.url)
-    finally:
-        server.stop()
-    local = run_tasks(MoelabLM(tiny.model, tiny.tokenizer), ["moelab_served_mc"], tmp_path / "b", include=[tmp_path])
-    a = torch.tensor(per_example(served.samples["moelab_served_mc"]))
-    b = torch.tensor(per_example(local.samples["moelab_served_mc"]))
-    assert a.shape == b.shape == (5, 3)
-    assert (a - b).abs().max() < 1e-4
-    assert json.loads(served.path.read_text())["model"] == f"server {server.url}"
 
 
 def test_server_that_is_not_there_is_one_line(tiny_run, capsys):
