@@ -435,9 +435,13 @@ class ParallelConfig:
 
     expert: int = 1  # expert-parallel group size: each rank holds E / expert experts
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # ddp: every rank holds the whole model and optimizer state; fsdp: FSDP2 shards parameters,
+    # gradients and optimizer state over the ranks (docs/distributed.md)
+    data_parallel: str = "ddp"
 
     def validate(self, prefix: str = "parallel") -> None:
         _check(self.expert >= 1, f"{prefix}.expert", self.expert, "an integer >= 1")
+        _check(self.data_parallel in ("ddp", "fsdp"), f"{prefix}.data_parallel", self.data_parallel, "ddp or fsdp")
         _check(self.backend in ("auto", "gloo", "nccl"), f"{prefix}.backend", self.backend, "auto, gloo or nccl")
 
 
@@ -477,6 +481,21 @@ class RunConfig:
             "train.compile",
             self.train.compile,
             f"false with expert parallelism (parallel.expert = {self.parallel.expert}); compile needs parallel.expert = 1",
+        )
+        # NOTE (distributed): FSDP shards over every rank; combining it with expert-parallel groups
+        # (a 2-D mesh) is not built yet.
+        fsdp = self.parallel.data_parallel == "fsdp"
+        _check(
+            not (fsdp and self.parallel.expert > 1),
+            "parallel.data_parallel",
+            self.parallel.data_parallel,
+            f"'ddp' with expert parallelism (parallel.expert = {self.parallel.expert}); fsdp needs parallel.expert = 1",
+        )
+        _check(
+            not (self.train.compile and fsdp),
+            "train.compile",
+            self.train.compile,
+            "false with parallel.data_parallel = 'fsdp' (the combination is not tested)",
         )
         if moe is not None and self.parallel.expert > 1:
             _check(

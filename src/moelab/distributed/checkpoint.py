@@ -139,10 +139,29 @@ def save_distributed_checkpoint(
     """Every rank calls this; rank 0 writes the checkpoint; all return once it is complete."""
     weights = full_model_state(model, layout, expert_group)
     optim = full_optimizer_state(optimizer, model, layout, expert_group)
+    full = (weights, optim) if layout.rank == 0 else None
+    save_gathered_checkpoint(run_dir, step, model, trainer_state, keep, protected, layout, world_group, full)
+
+
+def save_gathered_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    trainer_state: dict[str, Any],
+    keep: int,
+    protected: frozenset[int],
+    layout: Layout,
+    world_group,
+    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+) -> None:
+    """Write the checkpoint of the full (weights, optimizer state) gathered to rank 0 (`full`, None on
+    the other ranks), with every rank's loader and RNG state. Every rank calls it."""
     mine = {k: trainer_state[k] for k in RANK_KEYS if k in trainer_state}
     ranks: list[dict[str, Any]] | None = [None] * layout.world if layout.rank == 0 else None  # type: ignore[list-item]
     dist.gather_object(mine, ranks, dst=0, group=world_group)
     if layout.rank == 0:
+        assert full is not None
+        weights, optim = full
         state = {
             **trainer_state,
             "optimizer": optim,
@@ -266,11 +285,14 @@ def local_trainer_state(
     batch_per_rank: int,
     layout: Layout,
     seed: int,
+    shard: bool = True,
 ) -> dict[str, Any]:
     """The trainer state this rank resumes from: its optimizer shard, its loader position and its
-    RNG streams (in the trainer.pt layout a single process reads)."""
+    RNG streams (in the trainer.pt layout a single process reads). shard=False: the optimizer
+    state is already this rank's (FSDP shards it itself)."""
     local = dict(state)
-    local["optimizer"] = shard_optimizer_state(state["optimizer"], optimizer, model, layout)
+    if shard:
+        local["optimizer"] = shard_optimizer_state(state["optimizer"], optimizer, model, layout)
     local["loader"] = rank_loader_state(state, batch_per_rank, layout)
     ranks = state.get("ranks")
     same_world = bool(ranks) and len(ranks) == layout.world

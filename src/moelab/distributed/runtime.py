@@ -25,6 +25,7 @@ from torch import nn
 from moelab.config import RunConfig
 from moelab.distributed import checkpoint as dcp
 from moelab.distributed import data_parallel as dp
+from moelab.distributed import fsdp
 from moelab.distributed.expert_parallel import gather_rows, shard_experts
 from moelab.distributed.layout import Layout, check_layout, make_layout
 from moelab.errors import MoelabError
@@ -61,9 +62,11 @@ def _device_type(cfg: RunConfig) -> str:
 class Distributed:
     """One process of a data- and expert-parallel run (see moelab.distributed.layout)."""
 
-    def __init__(self, layout: Layout, device: torch.device):
+    def __init__(self, layout: Layout, device: torch.device, data_parallel: str = "ddp", bf16: bool = False):
         self.layout = layout
         self.device = device
+        self.fsdp = data_parallel == "fsdp"  # parameters sharded with FSDP2 (moelab.distributed.fsdp), else DDP
+        self.bf16 = bf16  # (FSDP on CUDA) bf16 compute with fp32 gradient reduction
         self.world_group = dist.group.WORLD
         # Every rank creates every subgroup, in the same order (new_group is collective).
         self.expert_group = None  # this rank's expert-parallel group (P > 1)
@@ -104,7 +107,8 @@ class Distributed:
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        return cls(make_layout(cfg, world, rank, local_rank), device)
+        bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+        return cls(make_layout(cfg, world, rank, local_rank), device, cfg.parallel.data_parallel, bf16)
 
     # -- who am I ------------------------------------------------------------------------------
 
@@ -122,8 +126,8 @@ class Distributed:
 
     @property
     def full_model_here(self) -> bool:
-        """Whether this rank holds every expert (no expert parallelism): it can generate alone."""
-        return self.layout.expert == 1
+        """Whether this rank holds every parameter (no expert parallelism, no FSDP): it can generate alone."""
+        return self.layout.expert == 1 and not self.fsdp
 
     def barrier(self) -> None:
         dist.barrier(group=self.world_group)
@@ -153,7 +157,10 @@ class Distributed:
 
     def summary(self, cfg: RunConfig) -> dict[str, Any]:
         """What summary.json records about the processes."""
-        return {"parallel": {"world": self.world, "expert": cfg.parallel.expert}}
+        parallel = {"world": self.world, "expert": cfg.parallel.expert}
+        if self.fsdp:
+            parallel["data_parallel"] = "fsdp"
+        return {"parallel": parallel}
 
     def describe(self) -> str:
         L = self.layout
@@ -162,7 +169,8 @@ class Distributed:
             if L.expert > 1
             else "experts replicated"
         )
-        return f"distributed: {L.world} processes ({dist.get_backend()}), data parallel over all, {ep}"
+        kind = "FSDP (parameters, gradients and optimizer state sharded)" if self.fsdp else "data parallel"
+        return f"distributed: {L.world} processes ({dist.get_backend()}), {kind} over all, {ep}"
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -174,17 +182,24 @@ class Distributed:
         dp.install_global_balancing(model, self.world_group)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to call for training forwards (DDP over the replicated parameters)."""
+        """The module to call for training forwards: DDP over the replicated parameters, or the
+        model itself sharded in place by FSDP (then the optimizer must be built after this)."""
+        if self.fsdp:
+            return fsdp.shard_model(model, self.device, self.world, self.bf16)
         return dp.wrap_ddp(model, self.device, self.world_group)
 
     def no_sync(self, train_model: nn.Module, last_micro_batch: bool):
-        """Gradient accumulation: DDP reduces once, after the last micro-batch."""
+        """Gradient accumulation: DDP (and FSDP) reduce once, after the last micro-batch."""
+        if self.fsdp:
+            return fsdp.gradient_sync(train_model, last_micro_batch)
         return nullcontext() if last_micro_batch else train_model.no_sync()
 
     def finish_backward(self, model: nn.Module) -> None:
         dp.sync_expert_grads(model, self.world, self.replica_group, self.world // self.layout.expert)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        if self.fsdp:
+            return fsdp.clip_grad_norm(model, max_norm)
         return dp.clip_grad_norm(model, max_norm, self.expert_group)
 
     def mean(self, *values: float) -> list[float]:
@@ -203,7 +218,13 @@ class Distributed:
         dp.reduce_router_stats(model, self.world_group)
         stats = model.router_stats()
         health: dict[int, LayerHealth] | None = None
-        if self.layout.expert == 1:
+        if self.fsdp:  # every rank takes part in gathering each layer's experts
+            health = {}
+            for layer in stats:
+                view = fsdp.gathered_layer(model, layer, self.rank)
+                if view is not None:
+                    health.update(router_health(view, {layer: stats[layer]}, with_similarity))
+        elif self.layout.expert == 1:
             if self.is_main:
                 health = router_health(model, stats, with_similarity)
         elif self.layout.rank < self.layout.expert:  # rank 0's expert-parallel group gathers
@@ -258,6 +279,12 @@ class Distributed:
         keep: int,
         protected: frozenset[int],
     ) -> None:
+        if self.fsdp:
+            full = fsdp.full_state(model, optimizer, self.rank)
+            dcp.save_gathered_checkpoint(
+                run_dir, step, model, trainer_state, keep, protected, self.layout, self.world_group, full
+            )
+            return
         dcp.save_distributed_checkpoint(
             run_dir,
             step,
@@ -272,11 +299,16 @@ class Distributed:
         )
 
     def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        if self.fsdp:
+            return fsdp.load_checkpoint(path, model)
         return dcp.load_sharded_checkpoint(path, model, self.layout)
 
     def local_trainer_state(
         self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int
     ) -> dict[str, Any]:
+        if self.fsdp:
+            state = {**state, "optimizer": fsdp.shard_optimizer_state(state["optimizer"], optimizer, model)}
+            return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed, shard=False)
         return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed)
 
     def seed_rank(self, seed: int) -> None:
