@@ -35,7 +35,9 @@ def add_config_flags(p: argparse.ArgumentParser, many: bool = False) -> None:
         help="override one setting, e.g. --set model.moe.num_experts=16 (repeatable)",
     )
     p.add_argument(
-        "--data", help="training text: a file, a directory, a .jsonl file, or 'stdlib' (the embedded corpus)"
+        "--data",
+        help="training data: a text file, a directory, a .jsonl or .parquet file, a `datasets` save_to_disk "
+        "directory, 'stdlib' (the embedded corpus), or tokens (tokens:DIR from `moelab tokenize`, nanoGPT bins)",
     )
 
 
