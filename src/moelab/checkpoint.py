@@ -5,6 +5,10 @@
     trainer.pt          optimizer, RNG, loader and trainer counters; loaded with weights_only=True
     manifest.json       sha256 and size of each file; written last
 
+A sharded checkpoint (FSDP, train.checkpoint_format = "sharded"; moelab.distributed.sharded) has
+dcp/ (torch.distributed.checkpoint files) instead of model.safetensors, and "format": "sharded" in
+its manifest, which hashes the DCP files too.
+
 A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
 either nothing or a complete checkpoint. Loading verifies every hash first and names the damaged
 file, offering the newest checkpoint that is still intact.
@@ -31,6 +35,8 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 MANIFEST_FILE = "manifest.json"
 PREFIX = "step_"
+SHARDED_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint files
+DCP_METADATA = ".metadata"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -110,34 +116,73 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints
     (checkpoints at `protected` steps are kept too). `weights`: see `save_weights`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = begin_checkpoint(run_dir, step)
     try:
         save_weights(model, tmp / MODEL_FILE, {"format": "moelab", "step": str(step)}, state=weights)
         torch.save(trainer_state, tmp / TRAINER_FILE)
-        files = {}
-        for name in (MODEL_FILE, TRAINER_FILE):
-            _fsync(tmp / name)
-            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-        manifest = {"step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST_FILE)
-        if final.exists():  # re-saving a step (after a rollback): replace it as one rename
-            trash = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        return finish_checkpoint(run_dir, step, tmp, keep, protected)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The hidden temporary directory checkpoint `step` is written into (see finish_checkpoint)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{checkpoint_dir(run_dir, step).name}-", dir=root))
+
+
+def _checkpoint_files(tmp: Path) -> list[str]:
+    """The files of a checkpoint directory, relative names (a sharded checkpoint's DCP folder too)."""
+    names = [p.name for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST_FILE]
+    shards = tmp / SHARDED_DIR
+    if shards.is_dir():
+        names += [f"{SHARDED_DIR}/{p.name}" for p in sorted(shards.iterdir()) if p.is_file()]
+    return names
+
+
+def finish_checkpoint(
+    run_dir: Path, step: int, tmp: Path, keep: int, protected: frozenset[int] = frozenset(), fmt: str = "single"
+) -> Path:
+    """Hash every file written into `tmp`, write the manifest last, rename `tmp` into place, then
+    delete all but the newest `keep` checkpoints (those at `protected` steps are kept too)."""
+    root = Path(run_dir) / "checkpoints"
+    final = checkpoint_dir(run_dir, step)
+    files = {}
+    for name in _checkpoint_files(tmp):
+        _fsync(tmp / name)
+        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    manifest: dict[str, Any] = {"step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    if fmt != "single":
+        manifest["format"] = fmt
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST_FILE)
+    if final.exists():  # re-saving a step (after a rollback): replace it as one rename
+        trash = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         if int(old.name[len(PREFIX) :]) not in protected:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint directory is in the sharded format (torch.distributed.checkpoint files
+    under dcp/, written by train.checkpoint_format = "sharded"; moelab.distributed.sharded)."""
+    return (Path(path) / SHARDED_DIR / DCP_METADATA).is_file()
+
+
+def refuse_sharded(path: Path) -> None:
+    if is_sharded(path):
+        raise CheckpointError(
+            f"checkpoint {path} is in the sharded format (torch.distributed.checkpoint): write it in the "
+            f"single-process format with: moelab consolidate {path} OUT_RUN"
+        )
 
 
 def manifest_problem(manifest: Any, directory_step: int | None) -> str | None:
@@ -154,11 +199,12 @@ def manifest_problem(manifest: Any, directory_step: int | None) -> str | None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         return "has no files table"
-    for name in (MODEL_FILE, TRAINER_FILE):
+    sharded = manifest.get("format") == "sharded"
+    for name in (f"{SHARDED_DIR}/{DCP_METADATA}", TRAINER_FILE) if sharded else (MODEL_FILE, TRAINER_FILE):
         if name not in files:
             return f"lists no {name}"
     for name, info in files.items():
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+        if not isinstance(name, str) or not _inside(name, sharded):
             return f"names a file outside the checkpoint ({name!r})"
         if not isinstance(info, dict):
             return f"has a malformed entry for {name}"
@@ -168,6 +214,16 @@ def manifest_problem(manifest: Any, directory_step: int | None) -> str | None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             return f"has no byte count for {name}"
     return None
+
+
+def _inside(name: str, sharded: bool) -> bool:
+    """A file name of the checkpoint directory (a sharded checkpoint: or of its dcp/ folder)."""
+    if sharded and name.startswith(SHARDED_DIR + "/"):
+        base = name[len(SHARDED_DIR) + 1 :]
+        return (
+            bool(base) and "/" not in base and "\\" not in base and (base == DCP_METADATA or not base.startswith("."))
+        )
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -225,6 +281,7 @@ def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.devi
     verified part (a file written by another version, a state that is not a dict) is the same
     CheckpointError as a damaged file."""
     verify_checkpoint(path)
+    refuse_sharded(path)
     return load_trainer_state(path, lambda: load_weights(model, Path(path) / MODEL_FILE), map_location)
 
 

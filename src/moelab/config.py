@@ -287,6 +287,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
+    # single: one process's files (weights gathered to rank 0); sharded: every process writes its
+    # own shards with torch.distributed.checkpoint (needs parallel.data_parallel = "fsdp")
+    checkpoint_format: str = "single"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -322,6 +325,12 @@ class TrainConfig:
             ">= 0 (0 = only at the end)",
         )
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check(
+            self.checkpoint_format in ("single", "sharded"),
+            f"{prefix}.checkpoint_format",
+            self.checkpoint_format,
+            "single or sharded",
+        )
         _check(self.max_minutes >= 0, f"{prefix}.max_minutes", self.max_minutes, "a number >= 0 (0 = no limit)")
         _check(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a number > 0")
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
@@ -490,6 +499,12 @@ class RunConfig:
             "parallel.data_parallel",
             self.parallel.data_parallel,
             f"'ddp' with expert parallelism (parallel.expert = {self.parallel.expert}); fsdp needs parallel.expert = 1",
+        )
+        _check(
+            not (self.train.checkpoint_format == "sharded" and not fsdp),
+            "train.checkpoint_format",
+            self.train.checkpoint_format,
+            "'single' with parallel.data_parallel = 'ddp'; sharded checkpoints need parallel.data_parallel = 'fsdp'",
         )
         _check(
             not (self.train.compile and fsdp),

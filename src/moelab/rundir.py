@@ -24,6 +24,7 @@ from moelab.checkpoint import (
     describe_fallback,
     list_checkpoints,
     load_weights,
+    refuse_sharded,
     verify_checkpoint,
 )
 from moelab.config import RunConfig, build_config, read_toml
@@ -139,6 +140,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         manifest = verify_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise CheckpointError(str(exc) + describe_fallback(run.path, checkpoint)) from None
+    refuse_sharded(checkpoint)
     cfg = run.load_config()
     tokenizer = run.load_tokenizer()
     model = Transformer(cfg.model)

@@ -1,4 +1,4 @@
-"""`moelab export`, `import` and `upcycle`."""
+"""`moelab export`, `import`, `upcycle` and `consolidate`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,19 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    """Turn a sharded checkpoint (train.checkpoint_format = "sharded": every FSDP process wrote its
+    own shards with torch.distributed.checkpoint) into the single-process format: a new run
+    directory OUT_RUN, a copy of the run's files whose only checkpoint is that step's, with full
+    weights in model.safetensors and the full optimizer state in trainer.pt. export, generate, eval
+    and a resume at any world size read it (a resume under FSDP reads sharded checkpoints too)."""
+    from moelab.distributed.sharded import consolidate
+
+    path = consolidate(args.checkpoint, args.out)
+    print(f"consolidated {args.checkpoint} into {path}")
+    return 0
+
+
 def register(sub, command) -> None:
     """Add this subsystem's subcommands to the `moelab` parser."""
     p = command(sub, "export", cmd_export, "write a run as a Hugging Face checkpoint (transformers, vLLM)")
@@ -79,6 +92,10 @@ def register(sub, command) -> None:
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest weight file before sharding (e.g. 5GB, 500MB, 2GiB)"
     )
+
+    p = command(sub, "consolidate", cmd_consolidate, "write a sharded checkpoint in the single-process format")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a sharded checkpoint directory, or a run (its newest)")
+    p.add_argument("out", metavar="OUT_RUN", help="new (or empty) run directory")
 
     p = command(sub, "import", cmd_import, "import a local Hugging Face checkpoint as a moelab run")
     p.add_argument(

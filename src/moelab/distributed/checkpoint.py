@@ -14,8 +14,9 @@ and their optimizer moments are sliced to the rank's experts, the loader continu
 global position at the new world size, and each rank's RNG continues where it was (same world
 size) or starts from a seed of (train.seed, step, rank) (new ranks).
 
-NOTE: gathering to one file suits models whose experts fit one host's memory a layer at a time; a
-sharded format (torch.distributed.checkpoint) would be the next step beyond that.
+NOTE: gathering to one file suits models whose experts fit one host's memory a layer at a time;
+beyond that, FSDP runs write sharded checkpoints (train.checkpoint_format = "sharded",
+moelab.distributed.sharded).
 """
 
 from __future__ import annotations

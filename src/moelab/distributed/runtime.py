@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moelab.checkpoint import is_sharded
 from moelab.config import RunConfig
 from moelab.distributed import checkpoint as dcp
 from moelab.distributed import data_parallel as dp
-from moelab.distributed import fsdp
+from moelab.distributed import fsdp, sharded
 from moelab.distributed.expert_parallel import gather_rows, shard_experts
 from moelab.distributed.layout import Layout, check_layout, make_layout
-from moelab.errors import MoelabError
+from moelab.errors import CheckpointError, MoelabError
 from moelab.model.health import LayerHealth, router_health
 
 
@@ -62,8 +63,17 @@ def _device_type(cfg: RunConfig) -> str:
 class Distributed:
     """One process of a data- and expert-parallel run (see moelab.distributed.layout)."""
 
-    def __init__(self, layout: Layout, device: torch.device, data_parallel: str = "ddp", bf16: bool = False):
+    def __init__(
+        self,
+        layout: Layout,
+        device: torch.device,
+        data_parallel: str = "ddp",
+        bf16: bool = False,
+        checkpoint_format: str = "single",
+    ):
         self.layout = layout
+        # "sharded": FSDP ranks write their own shards (moelab.distributed.sharded)
+        self.checkpoint_format = checkpoint_format
         self.device = device
         self.fsdp = data_parallel == "fsdp"  # parameters sharded with FSDP2 (moelab.distributed.fsdp), else DDP
         self.bf16 = bf16  # (FSDP on CUDA) bf16 compute with fp32 gradient reduction
@@ -108,7 +118,13 @@ class Distributed:
         else:
             device = torch.device("cpu")
         bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-        return cls(make_layout(cfg, world, rank, local_rank), device, cfg.parallel.data_parallel, bf16)
+        return cls(
+            make_layout(cfg, world, rank, local_rank),
+            device,
+            cfg.parallel.data_parallel,
+            bf16,
+            cfg.train.checkpoint_format,
+        )
 
     # -- who am I ------------------------------------------------------------------------------
 
@@ -279,6 +295,11 @@ class Distributed:
         keep: int,
         protected: frozenset[int],
     ) -> None:
+        if self.fsdp and self.checkpoint_format == "sharded":
+            sharded.save_sharded_checkpoint(
+                run_dir, step, model, optimizer, trainer_state, keep, protected, self.layout, self.world_group
+            )
+            return
         if self.fsdp:
             full = fsdp.full_state(model, optimizer, self.rank)
             dcp.save_gathered_checkpoint(
@@ -299,6 +320,13 @@ class Distributed:
         )
 
     def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        if is_sharded(path):
+            if self.fsdp:
+                return sharded.load_sharded_into_fsdp(path, model)
+            raise CheckpointError(
+                f"checkpoint {path} is in the sharded format: resume it with parallel.data_parallel = 'fsdp' "
+                f"or in one process, or write the single format with: moelab consolidate {path} OUT_RUN"
+            )
         if self.fsdp:
             return fsdp.load_checkpoint(path, model)
         return dcp.load_sharded_checkpoint(path, model, self.layout)
@@ -306,6 +334,9 @@ class Distributed:
     def local_trainer_state(
         self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int
     ) -> dict[str, Any]:
+        if self.fsdp and "sharded_path" in state:
+            state = sharded.restore_optimizer(state, optimizer, model)
+            return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed, shard=False)
         if self.fsdp:
             state = {**state, "optimizer": fsdp.shard_optimizer_state(state["optimizer"], optimizer, model)}
             return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed, shard=False)

@@ -14,11 +14,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from moelab.checkpoint import load_checkpoint, save_checkpoint
+from moelab.checkpoint import is_sharded, load_checkpoint, save_checkpoint
 from moelab.config import RunConfig
 from moelab.device import resolve_device
 from moelab.distributed import Distributed
 from moelab.distributed import wanted as distributed_wanted
+from moelab.distributed.sharded import load_sharded_single
 from moelab.model.health import LayerHealth, router_health
 
 
@@ -154,6 +155,8 @@ class SingleProcess:
         save_checkpoint(run_dir, step, model, trainer_state, keep, protected)  # the optimizer is in trainer_state
 
     def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
+        if is_sharded(path):  # written by FSDP ranks: read whole, without a process group
+            return load_sharded_single(path, model)
         return load_checkpoint(path, model, map_location="cpu")  # RNG states must stay on the CPU
 
     def local_trainer_state(
