@@ -227,6 +227,9 @@ def test_interrupted_tokenise_resumes_to_the_same_bytes(tmp_path) -> None:
         assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written stays
         with pytest.raises(MoelabError, match="unfinished tokenisation"):
             open_token_dir(out)
+        # what a kill inside a write leaves: the temporary of a manifest write and of a shard
+        (out / f".{MANIFEST}-k1ll3d").write_text('{"status": "in-progress"')
+        (out / ".tmp-train-99999.bin").write_bytes(b"\x00" * 10)
         again = tokenize(cfg, out, options)
         assert again.resumed and again.tokens < whole.tokens  # the complete shards were not redone
         assert tree_bytes(out) == tree_bytes(tmp_path / "whole")
@@ -241,15 +244,18 @@ def test_a_killed_tokenise_process_resumes_to_the_same_bytes(tmp_path) -> None:
     subprocess.run([*args, str(tmp_path / "whole"), *flags], check=True, cwd=REPO, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen([*args, str(out), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    # NOTE: generous deadline: on a loaded CI machine the child's start (imports) alone can take
+    # tens of seconds; the kill waits for 20 complete shards of about 500.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             m = json.loads((out / MANIFEST).read_text())
             if len(m["splits"]["train"]["shards"]) >= 20:
                 break
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it was killed: make the corpus larger"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     m = json.loads((out / MANIFEST).read_text())

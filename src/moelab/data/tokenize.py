@@ -355,9 +355,18 @@ def _writer_lock(out: Path, fresh: bool):
         raise
 
 
+def _is_leftover(name: str) -> bool:
+    """A temporary file of a write that was killed: a shard's, or a JSON file's (write_json_durable
+    writes `.<name>-XXXX` and renames it)."""
+    return name.startswith(TMP_PREFIX) or name.startswith((f".{MANIFEST}-", f".{VERIFIED}-"))
+
+
 def _start_or_resume(out: Path, job: dict, source: Source) -> dict | None:
     """None for a fresh directory; the manifest of the same job (unfinished or complete); refuses a
     directory that holds anything else."""
+    for path in out.iterdir():
+        if _is_leftover(path.name):
+            path.unlink()
     if not (out / MANIFEST).is_file():
         if any(p.name != LOCK for p in out.iterdir()):
             raise MoelabError(f"output directory {out} is not empty and holds no {MANIFEST}: choose a new directory")
@@ -367,7 +376,7 @@ def _start_or_resume(out: Path, job: dict, source: Source) -> dict | None:
     if manifest.get("status") != "complete" and not committed:
         # An unfinished run that committed nothing (stopped by a bad record, say): start afresh.
         for path in out.iterdir():
-            if path.name in (MANIFEST, TOKENIZER, HF_TOKENIZER_CONFIG, VERIFIED) or path.name.startswith(TMP_PREFIX):
+            if path.name in (MANIFEST, TOKENIZER, HF_TOKENIZER_CONFIG, VERIFIED):
                 path.unlink()
         if any(p.name != LOCK for p in out.iterdir()):
             raise MoelabError(
@@ -391,7 +400,7 @@ def _start_or_resume(out: Path, job: dict, source: Source) -> dict | None:
     # A resume: what was not committed goes (shards renamed but not recorded are written again).
     listed = {s["file"] for split in SPLITS for s in manifest["splits"][split]["shards"]}
     for path in out.iterdir():
-        if path.name.startswith(TMP_PREFIX) or (path.suffix == ".bin" and path.name not in listed):
+        if path.suffix == ".bin" and path.name not in listed:
             path.unlink()
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
