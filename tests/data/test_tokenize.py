@@ -524,8 +524,11 @@ def test_output_directory_holding_another_corpus(capsys, tmp_path) -> None:
     assert tree_bytes(out) == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "other" / ".tmp-mine").write_text("also mine")  # named like a leftover, but not ours
     code, _, err = run_cli(capsys, "tokenize", str(a), str(tmp_path / "other"), "--tokenizer", "bytes")
     assert_usage_error(code, err, "not empty")
+    assert (tmp_path / "other" / ".tmp-mine").read_text() == "also mine"  # nothing of the user's removed
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     code, out_text, _ = run_cli(capsys, "tokenize", str(a), str(out), "--tokenizer", "bytes", "--quiet")
     assert code == 0 and "already complete" in out_text
 

@@ -364,12 +364,13 @@ def _is_leftover(name: str) -> bool:
 def _start_or_resume(out: Path, job: dict, source: Source) -> dict | None:
     """None for a fresh directory; the manifest of the same job (unfinished or complete); refuses a
     directory that holds anything else."""
+    ours = (out / MANIFEST).is_file() or all(p.name == LOCK or _is_leftover(p.name) for p in out.iterdir())
+    if not ours:  # NOTE: decided before anything is removed: a folder that is not ours keeps every file
+        raise MoelabError(f"output directory {out} is not empty and holds no {MANIFEST}: choose a new directory")
     for path in out.iterdir():
         if _is_leftover(path.name):
             path.unlink()
     if not (out / MANIFEST).is_file():
-        if any(p.name != LOCK for p in out.iterdir()):
-            raise MoelabError(f"output directory {out} is not empty and holds no {MANIFEST}: choose a new directory")
         return None
     manifest = read_manifest(out)
     committed = any(manifest["splits"][s]["shards"] for s in SPLITS)

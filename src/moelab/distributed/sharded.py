@@ -254,6 +254,8 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     if not is_sharded(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint} is already in the single-process format")
     out = Path(out)
+    if out.resolve().is_relative_to(run.path.resolve()):
+        raise CheckpointError(f"{out} is inside the run {run.path}; choose an output run directory outside it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty directory; choose a new output run directory")
     model = Transformer(run.load_config().model)

@@ -64,6 +64,12 @@ class MoelabLM(TemplateLM):
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)
         for each (context ids, continuation ids), in batches of sequences of similar length."""
+        too_long = next((len(cont) for _, cont in pairs if len(cont) > self.max_length), None)
+        if too_long is not None:
+            raise MoelabError(
+                f"a continuation of {too_long} tokens is longer than the model's context ({self.max_length} tokens): "
+                "it cannot be scored whole; leave this task out or use a model with a longer context"
+            )
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         # NOTE: the input keeps the last max_length tokens of context + continuation, as the
         # harness's Hugging Face model does; the continuation itself is never cut.
