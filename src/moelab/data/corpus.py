@@ -381,11 +381,3 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     train = [d for d in docs if not is_validation(d.name, cfg.val_fraction)]
     val = [d for d in docs if is_validation(d.name, cfg.val_fraction)]
     return Corpus(source.description, train, val, source.skipped)
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from moelab.data.corpus import file_sha256
 from moelab.data.tokenizer import TextTokenizer
 from moelab.errors import MoelabError
+from moelab.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
@@ -105,29 +103,8 @@ def is_token_dir(path: Path) -> bool:
 
 
 def write_json_durable(path: Path, data: dict) -> None:
-    """Write JSON by rename after an fsync, then fsync the directory: after a crash the file is
-    the old one or the new one, whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # readable like the shards (mkstemp makes it private)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """A manifest or verification record, durably (moelab.files.write_atomic)."""
+    write_atomic(path, json.dumps(data, indent=1) + "\n", durable=True)
 
 
 def read_manifest(path: Path) -> dict:
@@ -160,7 +137,7 @@ def open_token_dir(path: Path, log: Callable[[str], None] = lambda s: None) -> T
     tok_file = path / manifest["tokenizer"]["file"]
     if not tok_file.is_file():
         raise MoelabError(f"{path}: the tokenizer file {tok_file.name} is missing")
-    if file_sha256(tok_file) != manifest["tokenizer"]["sha256"]:
+    if sha256_file(tok_file) != manifest["tokenizer"]["sha256"]:
         raise MoelabError(f"{tok_file}: sha256 does not match the manifest (the tokenizer was changed)")
     tokenizer = TextTokenizer.load(tok_file)
     dtype = np.dtype(manifest["dtype"])
@@ -199,7 +176,7 @@ def _check_shard(path: Path, shard: dict) -> Path:
 
 
 def _check_sha(file: Path, shard: dict) -> None:
-    if file_sha256(file) != shard["sha256"]:
+    if sha256_file(file) != shard["sha256"]:
         raise MoelabError(f"shard {file}: sha256 does not match the manifest (the file is damaged or was changed)")
 
 
@@ -261,7 +238,7 @@ def _open_nanogpt(path: Path) -> TokenDir:
             f"{path} holds train.bin and val.bin but no {TOKENIZER}: put the tokenizer that made them beside them"
         )
     tokenizer = TextTokenizer.load(tok_file)
-    tok_sha = file_sha256(tok_file)
+    tok_sha = sha256_file(tok_file)
     verified, checked = _read_verified(path), False
     splits = {}
     for split, name in zip(SPLITS, NANOGPT):

@@ -34,7 +34,7 @@ from typing import Callable, TextIO
 import numpy as np
 
 from moelab.config import DataConfig
-from moelab.data.corpus import BadRecords, Document, Source, file_sha256, globs_of, is_validation, open_source
+from moelab.data.corpus import BadRecords, Document, Source, globs_of, is_validation, open_source
 from moelab.data.tokendir import (
     FORMAT,
     MANIFEST,
@@ -43,7 +43,6 @@ from moelab.data.tokendir import (
     VERIFIED,
     VERSION,
     dtype_for,
-    fsync_dir,
     read_manifest,
     record_verified,
     shard_name,
@@ -51,6 +50,7 @@ from moelab.data.tokendir import (
 )
 from moelab.data.tokenizer import HF_TOKENIZER_CONFIG, TextTokenizer, bytes_tokenizer, train_bpe
 from moelab.errors import MoelabError
+from moelab.files import fsync_dir, sha256_file
 
 SHARD_TOKENS = 1 << 26  # 67M tokens: 128 MiB of uint16 per shard
 BPE_SAMPLE_BYTES = 64_000_000  # a BPE tokenizer is trained on at most about this much training text
@@ -74,7 +74,7 @@ def tokenizer_spec(cfg: DataConfig, options: TokenizeOptions) -> dict:
     if cfg.tokenizer == "file":
         path = tokenizer_file(cfg)
         config = path.with_name(HF_TOKENIZER_CONFIG)
-        digest = file_sha256(path) + (file_sha256(config) if config.is_file() else "")
+        digest = sha256_file(path) + (sha256_file(config) if config.is_file() else "")
         return {"kind": "file", "sha256": hashlib.sha256(digest.encode()).hexdigest()}
     if cfg.tokenizer == "bytes":
         return {"kind": "bytes"}
@@ -325,12 +325,12 @@ def tokenize(
         resumed = manifest is not None
         if resumed:
             tokenizer = TextTokenizer.load(out / TOKENIZER)
-            if file_sha256(out / TOKENIZER) != manifest["tokenizer"]["sha256"]:
+            if sha256_file(out / TOKENIZER) != manifest["tokenizer"]["sha256"]:
                 raise MoelabError(f"{out / TOKENIZER}: sha256 does not match the manifest of the unfinished run")
         else:
             tokenizer = _make_tokenizer(cfg, source, options, log)
             tokenizer.save(out / TOKENIZER)
-            manifest = _new_manifest(job, source, tokenizer, file_sha256(out / TOKENIZER))
+            manifest = _new_manifest(job, source, tokenizer, sha256_file(out / TOKENIZER))
             write_json_durable(out / MANIFEST, manifest)
         bytes_read, tokens_written = _run(cfg, out, source, tokenizer, manifest, options, log, progress, after_shard)
     return TokenizeResult(
