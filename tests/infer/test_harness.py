@@ -56,6 +56,21 @@ def per_example(samples):
     return [[resp[0] for resp in s["filtered_resps"]] for s in ordered]
 
 
+def hf_per_example(folder, task: str):
+    """The harness's own Hugging Face model on the export in folder/hf, on the task defined in folder."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    output = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder / "hf"), "dtype": "float32", "device": "cpu"},
+        tasks=[task],
+        task_manager=TaskManager(include_path=[str(folder)]),
+        log_samples=True,
+    )
+    return per_example(output["samples"][task])
+
+
 def forward_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """The reference: split as the harness does, then one full forward and log_softmax in float64."""
     spaces = len(context) - len(context.rstrip())
@@ -115,23 +130,13 @@ def test_in_process_matches_the_harness_hf_model_on_the_export(tiny, tiny_run, t
     """`moelab eval --tasks` and `lm_eval --model hf` on the run's Hugging Face export score the
     same examples equally (1e-4): same tokens, same model."""
     pytest.importorskip("accelerate")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     from moelab.interop.export import export_hf
 
     export_hf(tiny_run, tmp_path / "hf")
     make_task(tmp_path, examples=5)
     ours = run_tasks(MoelabLM(tiny.model, tiny.tokenizer), ["moelab_tiny_mc"], tmp_path / "out", include=[tmp_path])
-    theirs = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32", "device": "cpu"},
-        tasks=["moelab_tiny_mc"],
-        task_manager=TaskManager(include_path=[str(tmp_path)]),
-        log_samples=True,
-    )
     a = torch.tensor(per_example(ours.samples["moelab_tiny_mc"]))
-    b = torch.tensor(per_example(theirs["samples"]["moelab_tiny_mc"]))
+    b = torch.tensor(hf_per_example(tmp_path, "moelab_tiny_mc"))
     assert a.shape == b.shape == (5, 3)
     assert (a - b).abs().max() < 1e-4
 
@@ -144,8 +149,6 @@ def test_through_the_server_matches_the_harness_hf_model_on_the_export(tiny, tin
     pytest.importorskip("accelerate")
     pytest.importorskip("tenacity")
     import httpx
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from moelab.infer.server import BackgroundServer, ServerSettings, create_app
     from moelab.interop.export import export_hf
@@ -161,15 +164,8 @@ def test_through_the_server_matches_the_harness_hf_model_on_the_export(tiny, tin
         served = run_tasks(None, ["moelab_served_mc"], tmp_path / "a", include=[tmp_path], server_url=server.url)
     finally:
         server.stop()
-    hf = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32", "device": "cpu"},
-        tasks=["moelab_served_mc"],
-        task_manager=TaskManager(include_path=[str(tmp_path)]),
-        log_samples=True,
-    )
     a = torch.tensor(per_example(served.samples["moelab_served_mc"]))
-    b = torch.tensor(per_example(hf["samples"]["moelab_served_mc"]))
+    b = torch.tensor(hf_per_example(tmp_path, "moelab_served_mc"))
     assert a.shape == b.shape == (5, 3)
     assert (a - b).abs().max() < 1e-4
     assert json.loads(served.path.read_text())["model"] == f"server {server.url}"
