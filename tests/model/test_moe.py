@@ -79,7 +79,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "padded"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded", "chunked"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_moe_forward_and_gradients_match_per_expert_loop(case: int, impl: str) -> None:
     D, T, kwargs = CASES[case]

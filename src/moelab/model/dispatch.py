@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moelab.model.chunked_experts import chunked_experts_swiglu
 from moelab.model.grouped_mm_op import grouped_mm_op
 from moelab.model.mlp import swiglu_product
 
@@ -145,6 +146,18 @@ def _padded_grouped_mm(x_SK: torch.Tensor, weight_ENK: torch.Tensor, tokens_per_
     return out_ECN[expert_of_row, row_in_group]
 
 
+def chunked_available(x_TD: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor) -> bool:
+    """Whether "auto" takes the chunked path (moelab.model.chunked_experts): eager CPU code where
+    the grouped kernel runs both projections. On CUDA its host-side chunk bounds would synchronise
+    every layer, and under torch.compile they would break the graph; those keep the one-shot path."""
+    return (
+        x_TD.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and grouped_mm_available(x_TD, gate_up_E2ID)
+        and grouped_mm_available(x_TD, down_EDI)
+    )
+
+
 def experts_swiglu(
     x_TD: torch.Tensor,
     plan: DispatchPlan,
@@ -152,7 +165,11 @@ def experts_swiglu(
     down_EDI: torch.Tensor,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Run every slot through its expert's SwiGLU and sum the weighted outputs per token: [T, D]."""
+    """Run every slot through its expert's SwiGLU and sum the weighted outputs per token: [T, D].
+
+    impl: "auto" (chunk by chunk on the CPU, else one grouped matmul per projection over all slots,
+    or padded bmm where no grouped kernel runs), "chunked", "grouped_mm" (all slots at once, the
+    reference for the chunked path) or "padded"."""
     T, D = x_TD.shape
     compute_dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -161,6 +178,16 @@ def experts_swiglu(
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     gate_up = gate_up_E2ID.to(compute_dtype)
     down = down_EDI.to(compute_dtype)
+    if impl == "chunked" or (impl == "auto" and chunked_available(x_TD.to(compute_dtype), gate_up, down)):
+        out_TD = chunked_experts_swiglu(
+            x_TD.to(compute_dtype),
+            plan.token_index_S,
+            plan.weight_S.to(compute_dtype),
+            plan.tokens_per_expert_E,
+            gate_up,
+            down,
+        )
+        return out_TD.to(x_TD.dtype)
     x_SD = x_TD.to(compute_dtype).index_select(0, plan.token_index_S)  # [S, D], grouped by expert
     gate_up_S2I = grouped_mm(x_SD, gate_up, plan.tokens_per_expert_E, impl)  # [S, 2I]
     gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)

@@ -124,8 +124,9 @@ class Experts(nn.Module):
     """E SwiGLU experts stored as stacked tensors in Hugging Face v5's fused layout:
     gate_up_proj [E, 2I, D] (gate rows first) and down_proj [E, D, I].
 
-    matmul: the grouped matmul implementation (moelab.model.dispatch.grouped_mm): "auto" (the
-    grouped kernel where there is one, else padded bmm), "grouped_mm" or "padded"."""
+    matmul: the dispatch implementation (moelab.model.dispatch.experts_swiglu): "auto" (chunked
+    on the CPU, the grouped kernel over all slots elsewhere, padded bmm where no grouped kernel
+    runs), "chunked", "grouped_mm" or "padded"."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, matmul: str = "auto"):
         super().__init__()
