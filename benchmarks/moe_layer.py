@@ -9,7 +9,12 @@ per round) and the median of the rounds is reported as a ratio to the dense refe
 is the growth of the resident set during one forward+backward (activations, gradients, dispatch
 buffers), measured in a fresh subprocess per implementation.
 
-    python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--out benchmarks/results/moe_layer.json]
+The training section times whole optimizer steps (forward, backward, AdamW) of the default preset
+(small-moe) and its dense twin (small-dense) on one batch of the preset's shape, interleaved, and
+reports tokens/s; `small-moe (grouped_mm)` is the same model with the one-shot dispatch that the
+chunked CPU path replaced.
+
+    python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--train-steps 5] [--out benchmarks/results/moe_layer.json]
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from moelab.config import MoEConfig  # noqa: E402
+from moelab.config import MoEConfig, load_config  # noqa: E402
 from moelab.model.mlp import SwiGLU  # noqa: E402
 from moelab.model.moe import MoE  # noqa: E402
+from moelab.model.transformer import Transformer  # noqa: E402
+from moelab.train.schedule import build_optimizer  # noqa: E402
 
 CONFIGS = {
     "coarse": dict(D=512, I=1024, E=8, k=2),
@@ -52,9 +59,9 @@ def build(name: str, c: dict) -> torch.nn.Module | None:
         return init_(SwiGLU(D, k * I), 0)
     if name == "moelab":
         return init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
-    if name == "moelab-padded":
+    if name in ("moelab-padded", "moelab-grouped_mm"):  # the dispatch paths "auto" does not take on the CPU
         m = init_(MoE(D, MoEConfig(num_experts=E, top_k=k, expert_hidden=I)), 1)
-        m.experts.matmul = "padded"
+        m.experts.matmul = name.split("-")[1]
         return m
     try:
         from transformers import MixtralConfig, OlmoeConfig
@@ -75,6 +82,7 @@ def build(name: str, c: dict) -> torch.nn.Module | None:
 IMPLS = [
     "dense",
     "moelab",
+    "moelab-grouped_mm",
     "moelab-padded",
     "hf-mixtral:eager",
     "hf-mixtral:grouped_mm",
@@ -149,11 +157,61 @@ def peak_memory(impl: str, config: str, tokens: int) -> int | None:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+TRAIN_ARMS = {
+    "small-dense": ("small-dense", None),
+    "small-moe": ("small-moe", "auto"),
+    "small-moe (grouped_mm)": ("small-moe", "grouped_mm"),
+}
+
+
+def train_throughput(steps: int, rounds: int) -> dict:
+    """Optimizer steps per arm on a fixed random batch of the preset's shape: tokens/s per arm (the
+    median over interleaved rounds of `steps` steps each) and the ratio to the dense twin."""
+    arms = {}
+    for name, (preset, matmul) in TRAIN_ARMS.items():
+        # the tokenizer sets model.vocab_size when a run starts; here the data section's size stands in
+        cfg = load_config(preset=preset, overrides=[f"model.vocab_size={load_config(preset=preset).data.vocab_size}"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        if matmul is not None:
+            for moe in model.moe_layers():
+                moe.experts.matmul = matmul
+        model.train()
+        optimizer = build_optimizer(model, cfg.train)
+        B, T = cfg.train.batch_size, cfg.data.seq_len
+        tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
+        arms[name] = (model, optimizer, tokens[:, :-1], tokens[:, 1:])
+
+    def step(model, optimizer, x, y):
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {name: [] for name in arms}
+    for arm in arms.values():  # warm-up
+        step(*arm)
+    for _ in range(rounds):
+        for name, arm in arms.items():
+            times[name].append(time_round(lambda: [step(*arm) for _ in range(steps)]))
+    rows = {}
+    for name, (_, _, x, _) in arms.items():
+        seconds = sorted(times[name])[len(times[name]) // 2]
+        rows[name] = {"tokens_per_s": x.numel() * steps / seconds, "step_s": seconds / steps}
+    for row in rows.values():
+        row["ratio_to_dense"] = row["tokens_per_s"] / rows["small-dense"]["tokens_per_s"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--configs", default="coarse,fine")
+    ap.add_argument(
+        "--train-steps", type=int, default=3, help="optimizer steps per round in the training section (0: skip it)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -208,6 +266,15 @@ def main() -> None:
             print(
                 f"{name:24s} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:7.2f} {r['forward_backward_s'] * 1e3:8.1f} {r['forward_backward_ratio']:7.2f} {mem:>9s}"
             )
+    if args.train_steps > 0:
+        rows = train_throughput(args.train_steps, args.rounds)
+        results["train"] = rows
+        print(
+            f"\ntraining: optimizer steps of the default preset and its dense twin, {args.train_steps} steps per round"
+        )
+        print(f"{'arm':24s} {'tokens/s':>9s} {'step ms':>8s} {'vs dense':>9s}")
+        for name, r in rows.items():
+            print(f"{name:24s} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} {r['ratio_to_dense']:9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -13,10 +13,10 @@ tokens, runs both grouped matmuls and adds its weighted outputs into the tokens 
 group starts, so the buffers are small, are reused by the allocator, and stay in cache between the
 projections.
 
-The backward (`ChunkedExpertsSwiGLU`) keeps only the first projection's output [S, 2I] per chunk
-(what the SwiGLU's derivative needs) and recomputes the cheap rest per chunk: the gathered inputs
-(an index_select of the input it already has), the hidden activation, and the routing weight's
-product. It returns the gradients of the tokens, of the routing weights, and of both expert
+The backward (`ChunkedExpertsSwiGLU`) keeps the gathered inputs [S, D] and the first projection's
+output [S, 2I] per chunk (what the weight gradients and the SwiGLU's derivative need; the one-shot
+path keeps these and the hidden activations too) and recomputes the cheap rest per chunk: the
+hidden activation and the routing weight's product. It returns the gradients of the tokens, of the routing weights, and of both expert
 weights; each chunk writes its own experts' weight gradients, so nothing is accumulated over
 chunks but the tokens' gradient.
 
@@ -77,7 +77,8 @@ def chunked_experts_forward(
     keep: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """sum over each token's slots of weight * SwiGLU_e(x): [T, D] in fp32 or wider. `keep`, when
-    given, receives each chunk's first projection [c, 2I] (for the backward)."""
+    given, receives each chunk's gathered inputs [c, D] and first projection [c, 2I] (for the
+    backward)."""
     T, D = x_TD.shape
     acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
     out_TD = torch.zeros(T, D, dtype=acc_dtype, device=x_TD.device)
@@ -89,7 +90,7 @@ def chunked_experts_forward(
         x_cD = x_TD.index_select(0, token_index_c)
         gate_up_c2I = torch._grouped_mm(x_cD, gate_up_E2ID[e0:e1].transpose(-2, -1), offs=offsets_G)
         if keep is not None:
-            keep.append(gate_up_c2I)
+            keep += [x_cD, gate_up_c2I]
         hidden_cI = _hidden(gate_up_c2I).mul_(weight_S[s0:s1, None])
         y_cD = torch._grouped_mm(hidden_cI, down_EDI[e0:e1].transpose(-2, -1), offs=offsets_G)
         out_TD.index_add_(0, token_index_c, y_cD if y_cD.dtype == acc_dtype else y_cD.to(acc_dtype))
@@ -131,7 +132,7 @@ class ChunkedExpertsSwiGLU(torch.autograd.Function):
                     if grad is not None:
                         grad[e0:e1] = 0
         chunks = [b for b in ctx.bounds if b[3] > b[2]]
-        for (e0, e1, s0, s1), gate_up_c2I in zip(chunks, kept):
+        for (e0, e1, s0, s1), x_cD, gate_up_c2I in zip(chunks, kept[0::2], kept[1::2]):
             offsets_G = _offsets(ctx.tokens_per_expert[e0:e1], x_TD.device)
             token_index_c = token_index_S[s0:s1]
             weight_c1 = weight_S[s0:s1, None]
@@ -158,7 +159,6 @@ class ChunkedExpertsSwiGLU(torch.autograd.Function):
             )
             torch.mul(grad_product_cI, silu_cI, out=grad_gate_up_c2I[:, I:])
             if needs_gate_up:  # d gate_up_e = d h[e].T @ x[e]
-                x_cD = x_TD.index_select(0, token_index_c)
                 grad_gate_up[e0:e1] = torch._grouped_mm(grad_gate_up_c2I.t(), x_cD, offs=offsets_G)
             if needs_x:
                 grad_x_cD = torch._grouped_mm(grad_gate_up_c2I, gate_up_E2ID[e0:e1], offs=offsets_G)
