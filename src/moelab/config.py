@@ -491,15 +491,9 @@ class RunConfig:
             self.train.compile,
             f"false with expert parallelism (parallel.expert = {self.parallel.expert}); compile needs parallel.expert = 1",
         )
-        # NOTE (distributed): FSDP shards over every rank; combining it with expert-parallel groups
-        # (a 2-D mesh) is not built yet.
+        # NOTE (distributed): fsdp with parallel.expert > 1 is a 2-D mesh (moelab.distributed.fsdp);
+        # whether the world divides into expert-parallel groups is known only at launch (layout).
         fsdp = self.parallel.data_parallel == "fsdp"
-        _check(
-            not (fsdp and self.parallel.expert > 1),
-            "parallel.data_parallel",
-            self.parallel.data_parallel,
-            f"'ddp' with expert parallelism (parallel.expert = {self.parallel.expert}); fsdp needs parallel.expert = 1",
-        )
         _check(
             not (self.train.checkpoint_format == "sharded" and not fsdp),
             "train.checkpoint_format",

@@ -95,12 +95,12 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(reference, tmp_
     assert_close_by_step(evals(fresh), evals(reference), [2, 4])
 
 
-def test_fsdp_with_expert_parallelism_is_refused() -> None:
+def test_fsdp_settings_that_do_not_work_are_refused() -> None:
+    # (fsdp with parallel.expert > 1 works: tests/distributed/test_fsdp_ep.py)
     with pytest.raises(ConfigError) as err:
-        load_config(preset="tiny", overrides=["parallel.data_parallel=fsdp", "parallel.expert=2"])
+        load_config(preset="tiny", overrides=["parallel.data_parallel=fsdp", "train.compile=true"])
     assert str(err.value) == (
-        "parallel.data_parallel = 'fsdp' is not allowed: 'ddp' with expert parallelism (parallel.expert = 2); "
-        "fsdp needs parallel.expert = 1"
+        "train.compile = True is not allowed: false with parallel.data_parallel = 'fsdp' (the combination is not tested)"
     )
     with pytest.raises(ConfigError, match="parallel.data_parallel = 'zero' is not allowed: ddp or fsdp"):
         load_config(preset="tiny", overrides=["parallel.data_parallel=zero"])
@@ -109,9 +109,9 @@ def test_fsdp_with_expert_parallelism_is_refused() -> None:
 def test_fsdp_refusal_exits_2_with_one_line(tmp_path, capsys) -> None:
     out = tmp_path / "x"
     args = ["train", "--preset", "tiny", "--out", str(out), "--set", "parallel.data_parallel=fsdp"]
-    assert main(args + ["--set", "parallel.expert=2"]) == 2
+    assert main(args + ["--set", "train.compile=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "parallel.data_parallel = 'fsdp' is not allowed" in err[0], err
+    assert len(err) == 1 and "train.compile = True is not allowed" in err[0], err
     assert not out.exists()
 
 

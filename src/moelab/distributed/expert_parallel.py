@@ -189,6 +189,11 @@ class ExpertParallelExperts(nn.Module):
         y_grouped_RD = grouped_mm(
             F.silu(gate_RI) * up_RI, self.down_proj.to(compute_dtype), tokens_per_local_El, self.matmul
         )
+        if R == 0:
+            # NOTE: no slot reached this rank's experts. Keep the weights in the graph so that their
+            # (zero) gradient exists on every rank: under FSDP the replicas reduce-scatter it, a
+            # collective that every rank must join (the padded matmul skips empty inputs).
+            y_grouped_RD = y_grouped_RD + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum()).to(y_grouped_RD.dtype)
         undo_R = torch.empty_like(order_R)
         undo_R[order_R] = torch.arange(R, device=order_R.device)
         y_RD = y_grouped_RD.index_select(0, undo_R)  # back to the order the rows arrived in

@@ -77,6 +77,7 @@ class Distributed:
         self.device = device
         self.fsdp = data_parallel == "fsdp"  # parameters sharded with FSDP2 (moelab.distributed.fsdp), else DDP
         self.bf16 = bf16  # (FSDP on CUDA) bf16 compute with fp32 gradient reduction
+        self.meshes: fsdp.Meshes | None = None  # (FSDP) set by `wrap`
         self.world_group = dist.group.WORLD
         # Every rank creates every subgroup, in the same order (new_group is collective).
         self.expert_group = None  # this rank's expert-parallel group (P > 1)
@@ -186,6 +187,8 @@ class Distributed:
             else "experts replicated"
         )
         kind = "FSDP (parameters, gradients and optimizer state sharded)" if self.fsdp else "data parallel"
+        if self.fsdp and L.expert > 1:
+            ep += f", each expert's copies FSDP-sharded over {L.world // L.expert} replicas"
         return f"distributed: {L.world} processes ({dist.get_backend()}), {kind} over all, {ep}"
 
     # -- the model -----------------------------------------------------------------------------
@@ -201,7 +204,8 @@ class Distributed:
         """The module to call for training forwards: DDP over the replicated parameters, or the
         model itself sharded in place by FSDP (then the optimizer must be built after this)."""
         if self.fsdp:
-            return fsdp.shard_model(model, self.device, self.world, self.bf16)
+            self.meshes = fsdp.make_meshes(self.device.type, self.world, self.layout.expert)
+            return fsdp.shard_model(model, self.meshes, self.bf16)
         return dp.wrap_ddp(model, self.device, self.world_group)
 
     def no_sync(self, train_model: nn.Module, last_micro_batch: bool):
@@ -211,11 +215,14 @@ class Distributed:
         return nullcontext() if last_micro_batch else train_model.no_sync()
 
     def finish_backward(self, model: nn.Module) -> None:
+        if self.fsdp:  # FSDP reduced the gradients (experts over their replicas) in the backward
+            fsdp.scale_expert_grads(model, self.layout.expert)
+            return
         dp.sync_expert_grads(model, self.world, self.replica_group, self.world // self.layout.expert)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         if self.fsdp:
-            return fsdp.clip_grad_norm(model, max_norm)
+            return fsdp.clip_grad_norm(model, max_norm, self.expert_group)
         return dp.clip_grad_norm(model, max_norm, self.expert_group)
 
     def mean(self, *values: float) -> list[float]:
@@ -237,7 +244,7 @@ class Distributed:
         if self.fsdp:  # every rank takes part in gathering each layer's experts
             health = {}
             for layer in stats:
-                view = fsdp.gathered_layer(model, layer, self.rank)
+                view = fsdp.gathered_layer(model, layer, self.rank, self.expert_group, self.layout.expert)
                 if view is not None:
                     health.update(router_health(view, {layer: stats[layer]}, with_similarity))
         elif self.layout.expert == 1:
@@ -297,11 +304,20 @@ class Distributed:
     ) -> None:
         if self.fsdp and self.checkpoint_format == "sharded":
             sharded.save_sharded_checkpoint(
-                run_dir, step, model, optimizer, trainer_state, keep, protected, self.layout, self.world_group
+                run_dir,
+                step,
+                model,
+                optimizer,
+                trainer_state,
+                keep,
+                protected,
+                self.layout,
+                self.world_group,
+                self._expert_mesh,
             )
             return
         if self.fsdp:
-            full = fsdp.full_state(model, optimizer, self.rank)
+            full = fsdp.full_state(model, optimizer, self.rank, self.expert_group, self.layout.expert)
             dcp.save_gathered_checkpoint(
                 run_dir, step, model, trainer_state, keep, protected, self.layout, self.world_group, full
             )
@@ -322,25 +338,33 @@ class Distributed:
     def load_checkpoint(self, path: Path, model: nn.Module) -> dict[str, Any]:
         if is_sharded(path):
             if self.fsdp:
-                return sharded.load_sharded_into_fsdp(path, model)
+                return sharded.load_sharded_into_fsdp(path, model, self._expert_mesh)
             raise CheckpointError(
                 f"checkpoint {path} is in the sharded format: resume it with parallel.data_parallel = 'fsdp' "
                 f"or in one process, or write the single format with: moelab consolidate {path} OUT_RUN"
             )
         if self.fsdp:
-            return fsdp.load_checkpoint(path, model)
+            return fsdp.load_checkpoint(path, model, self.layout)
         return dcp.load_sharded_checkpoint(path, model, self.layout)
 
     def local_trainer_state(
         self, state: dict[str, Any], optimizer, model: nn.Module, batch_per_rank: int, seed: int
     ) -> dict[str, Any]:
         if self.fsdp and "sharded_path" in state:
-            state = sharded.restore_optimizer(state, optimizer, model)
+            state = sharded.restore_optimizer(state, optimizer, model, self._expert_mesh)
             return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed, shard=False)
         if self.fsdp:
-            state = {**state, "optimizer": fsdp.shard_optimizer_state(state["optimizer"], optimizer, model)}
+            state = {
+                **state,
+                "optimizer": fsdp.shard_optimizer_state(state["optimizer"], optimizer, model, self.layout),
+            }
             return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed, shard=False)
         return dcp.local_trainer_state(state, optimizer, model, batch_per_rank, self.layout, seed)
+
+    @property
+    def _expert_mesh(self):
+        """(FSDP with expert parallelism) the (ep, replica) mesh of the expert rows, else None."""
+        return None if self.meshes is None else self.meshes.experts
 
     def seed_rank(self, seed: int) -> None:
         """After the (identical) model initialisation, give ranks other than 0 their own random

@@ -18,6 +18,12 @@ the manifest, and renames the folder into place. A folder without manifest is ne
 Reading: under FSDP at any world size every rank loads its shards of the new layout (DCP reshards);
 one process, or `moelab consolidate`, reads the whole state without a process group (`no_dist`) into
 the single format's (weights, optimizer state).
+
+FSDP with expert parallelism: a rank's expert tensors (and their moments) are its [El, ...] rows,
+FSDP-sharded over the replicas. They are written as what they are, a piece of the one [E, ...]
+tensor sharded over the (ep, replica) mesh (`_global_expert_view`), so the files hold the same keys
+and full shapes as any other layout's: DCP reads them back at another world size or expert-parallel
+size, with or without expert parallelism, and in one process.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from moelab.checkpoint import (
     SHARDED_DIR,
@@ -52,6 +60,7 @@ from moelab.checkpoint import (
     verify_checkpoint,
 )
 from moelab.distributed.checkpoint import RANK_KEYS, global_loader_state
+from moelab.distributed.expert_parallel import expert_parallel_param_names
 from moelab.distributed.layout import Layout
 from moelab.errors import CheckpointError
 
@@ -61,6 +70,46 @@ FORMAT = "sharded"
 def _index_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert rows under FSDP with expert parallelism
+
+
+def _global_expert_view(t: torch.Tensor, expert_mesh: DeviceMesh) -> DTensor:
+    """This rank's FSDP shard of its [El, ...] expert rows as a DTensor of the global [E, ...] tensor
+    on the (ep, replica) mesh: dim 0 split over ep (expert blocks), each block over the replicas (as
+    FSDP split it: torch.chunk). Shares storage with `t`: DCP loads into it in place."""
+    assert isinstance(t, DTensor), "expert rows are FSDP-sharded under fsdp with expert parallelism"
+    shape = torch.Size((t.shape[0] * expert_mesh.size(0),) + tuple(t.shape[1:]))
+    stride = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        stride[d] = stride[d + 1] * shape[d + 1]
+    return DTensor.from_local(
+        t.to_local(), expert_mesh, [Shard(0), Shard(0)], run_check=False, shape=shape, stride=tuple(stride)
+    )
+
+
+def _expert_views(state: dict[str, Any], model: nn.Module, expert_mesh: DeviceMesh | None) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} with every expert tensor (weights, moments) replaced by its
+    global view; the other entries are the same objects."""
+    if expert_mesh is None:
+        return state
+    names = set(expert_parallel_param_names(model))
+    out = dict(state)
+    out["model"] = {k: _global_expert_view(v, expert_mesh) if k in names else v for k, v in state["model"].items()}
+    if "optim" in state:
+        entries = {
+            k: {
+                key: _global_expert_view(v, expert_mesh) if torch.is_tensor(v) and v.dim() else v
+                for key, v in entry.items()
+            }
+            if k in names
+            else entry
+            for k, entry in state["optim"]["state"].items()
+        }
+        out["optim"] = {**state["optim"], "state": entries}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +126,15 @@ def save_sharded_checkpoint(
     protected: frozenset[int],
     layout: Layout,
     world_group,
+    expert_mesh: DeviceMesh | None = None,
 ) -> None:
-    """Every rank calls this; all return once the checkpoint is in place."""
+    """Every rank calls this; all return once the checkpoint is in place. expert_mesh: the (ep,
+    replica) mesh under expert parallelism (moelab.distributed.fsdp.Meshes.experts)."""
     has_optim = bool(optimizer.state)  # the same on every rank (before or after the first step)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if has_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state = _expert_views(state, model, expert_mesh)
     box = [str(begin_checkpoint(run_dir, step)) if layout.rank == 0 else None]
     dist.broadcast_object_list(box, src=0, group=world_group)
     tmp = Path(box[0])
@@ -128,11 +180,14 @@ def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
-def check_fits(path: Path, model: nn.Module) -> None:
+def check_fits(path: Path, model: nn.Module, expert: int = 1) -> None:
     """One-line CheckpointError naming the first mismatch between the checkpoint's weights and the
-    model's (names, then full shapes; an FSDP model's DTensors report their full shape)."""
+    model's (names, then full shapes; an FSDP model's DTensors report their full shape, expert rows
+    under expert parallelism `expert` times theirs)."""
     saved = _saved_shapes(path)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name in expert_parallel_param_names(model):
+        expected[name] = (expected[name][0] * expert,) + expected[name][1:]
     tied = set(expected) - set(model_state_names(model))
     missing = sorted(set(expected) - set(saved) - tied)
     unexpected = sorted(set(saved) - set(expected))
@@ -166,20 +221,23 @@ def model_state_names(model: nn.Module) -> list[str]:
 # Loading under FSDP: every rank reads its shards (any world size)
 
 
-def load_sharded_into_fsdp(path: Path, model: nn.Module) -> dict[str, Any]:
+def load_sharded_into_fsdp(path: Path, model: nn.Module, expert_mesh: DeviceMesh | None = None) -> dict[str, Any]:
     """Verify, load the weights into the (FSDP) model, return trainer.pt's state; the optimizer
     follows in `restore_optimizer` (the runtime's local_trainer_state, which has the optimizer)."""
     path = Path(path)
     verify_checkpoint(path)
-    check_fits(path, model)
+    check_fits(path, model, expert_mesh.size(0) if expert_mesh is not None else 1)
     state = load_trainer_state(path, lambda: None)
     msd = get_model_state_dict(model)
-    dcp.load({"model": msd}, checkpoint_id=str(path / SHARDED_DIR))
+    # NOTE: the expert views share storage with msd's tensors: DCP fills those in place.
+    dcp.load(_expert_views({"model": msd}, model, expert_mesh), checkpoint_id=str(path / SHARDED_DIR))
     set_model_state_dict(model, msd)
     return {**state, "sharded_path": str(path)}
 
 
-def restore_optimizer(state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+def restore_optimizer(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module, expert_mesh: DeviceMesh | None = None
+) -> dict[str, Any]:
     """Load the checkpoint's optimizer shards into the FSDP optimizer; the state with "optimizer"
     the optimizer's own (sharded) state dict."""
     state = dict(state)
@@ -189,7 +247,8 @@ def restore_optimizer(state: dict[str, Any], optimizer: torch.optim.Optimizer, m
         # NOTE: get_optimizer_state_dict initialises an empty state with an lr-0 step; every entry
         # (the step count included) is then overwritten by the checkpoint's.
         osd = get_optimizer_state_dict(model, optimizer)
-        dcp.load({"optim": osd}, checkpoint_id=str(path / SHARDED_DIR))
+        views = _expert_views({"model": {}, "optim": osd}, model, expert_mesh)
+        dcp.load({"optim": views["optim"]}, checkpoint_id=str(path / SHARDED_DIR))
         set_optimizer_state_dict(model, optimizer, osd)
         state["optimizer"] = optimizer.state_dict()
     return state
