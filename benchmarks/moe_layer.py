@@ -231,7 +231,7 @@ def main() -> None:
         results["transformers"] = transformers.__version__
     except ImportError:
         results["transformers"] = None
-    for config in args.configs.split(","):
+    for config in [c for c in args.configs.split(",") if c]:
         c = CONFIGS[config]
         modules = {name: m for name in IMPLS if (m := build(name, c)) is not None}
         x = torch.randn(1, args.tokens, c["D"], generator=torch.Generator().manual_seed(4))
