@@ -148,3 +148,35 @@ def test_sharded_manifest_names() -> None:
         assert problem is not None and "outside the checkpoint" in problem, bad
     problem = manifest_problem({"step": 2, "format": "sharded", "files": {"trainer.pt": digest}}, 2)
     assert problem == "lists no dcp/.metadata"
+
+
+def _failing_rank0_write(rank: int, world: int, out: str, fmt: str) -> str:
+    """Train with rank 0's checkpoint write failing (a full disk, say); return what each rank raised."""
+    import moelab.distributed.checkpoint as gathered
+    import moelab.distributed.sharded as sharded
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if rank == 0:  # only rank 0 touches the run directory's checkpoints
+        if fmt == "sharded":
+            sharded.begin_checkpoint = disk_full
+        else:
+            gathered.save_checkpoint = disk_full
+    overrides = SETTINGS + ["parallel.data_parallel=fsdp", f"train.checkpoint_format={fmt}"]
+    try:
+        Trainer(load_config(preset="tiny", overrides=overrides), out, log=lambda s: None, progress=False).fit()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["sharded", "single"])
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_its_reason(fmt, tmp_path, token_cache) -> None:
+    # without the broadcast of rank 0's outcome the other rank waits in the next collective until
+    # the harness's timeout (or returns as if the checkpoint existed)
+    outcomes = run_workers(_failing_rank0_write, 2, str(tmp_path / "run"), fmt, timeout=120)
+    assert all("No space left on device" in o for o in outcomes), outcomes
+    assert "rank 0" in outcomes[1]
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))

@@ -160,20 +160,30 @@ def save_gathered_checkpoint(
     mine = {k: trainer_state[k] for k in RANK_KEYS if k in trainer_state}
     ranks: list[dict[str, Any]] | None = [None] * layout.world if layout.rank == 0 else None  # type: ignore[list-item]
     dist.gather_object(mine, ranks, dst=0, group=world_group)
-    if layout.rank == 0:
-        assert full is not None
-        weights, optim = full
-        state = {
-            **trainer_state,
-            "optimizer": optim,
-            "loader": global_loader_state(trainer_state["loader"]),
-            "ranks": ranks,
-            "parallel": {"world": layout.world, "expert": layout.expert},
-        }
-        save_checkpoint(run_dir, step, model, state, keep, protected, weights=weights)
-    # NOTE: nobody goes on (to read the checkpoint list, or roll back to it) before the checkpoint
-    # is in place. If rank 0 failed to write it, it exits and torchrun stops the others.
-    dist.barrier(group=world_group)
+    failed: list[str | None] = [None]
+    try:
+        if layout.rank == 0:
+            assert full is not None
+            weights, optim = full
+            state = {
+                **trainer_state,
+                "optimizer": optim,
+                "loader": global_loader_state(trainer_state["loader"]),
+                "ranks": ranks,
+                "parallel": {"world": layout.world, "expert": layout.expert},
+            }
+            try:
+                save_checkpoint(run_dir, step, model, state, keep, protected, weights=weights)
+            except Exception as exc:
+                failed = [f"{type(exc).__name__}: {exc}"]
+                raise
+    finally:
+        # NOTE: nobody goes on (to read the checkpoint list, or roll back to it) before the
+        # checkpoint is in place, and every rank learns whether rank 0 wrote it (the broadcast is
+        # the barrier): a failed write stops every rank with its reason, launched by torchrun or not.
+        dist.broadcast_object_list(failed, src=0, group=world_group)
+    if failed[0] is not None:
+        raise CheckpointError(f"checkpoint {step} could not be written on rank 0: {failed[0]}")
 
 
 # ---------------------------------------------------------------------------------------------

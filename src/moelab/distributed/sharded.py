@@ -135,31 +135,50 @@ def save_sharded_checkpoint(
     if has_optim:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     state = _expert_views(state, model, expert_mesh)
-    box = [str(begin_checkpoint(run_dir, step)) if layout.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=world_group)
-    tmp = Path(box[0])
+    # NOTE: rank 0 alone starts and finishes the checkpoint; whatever it meets there (a full disk, a
+    # missing directory) is broadcast, so that every rank fails with it instead of waiting in the
+    # next collective for a rank that has gone.
+    begun: list[Any] = [None]
+    if layout.rank == 0:
+        try:
+            begun = [("ok", str(begin_checkpoint(run_dir, step)))]
+        except Exception as exc:
+            begun = [("failed", f"{type(exc).__name__}: {exc}")]
+    dist.broadcast_object_list(begun, src=0, group=world_group)
+    status, value = begun[0]
+    if status != "ok":
+        raise CheckpointError(f"checkpoint {step} could not be started on rank 0: {value}")
+    tmp = Path(value)
+    finished: list[Any] = [None]
     try:
         dcp.save(state, storage_writer=FileSystemWriter(tmp / SHARDED_DIR), process_group=world_group)
         mine = {k: trainer_state[k] for k in RANK_KEYS if k in trainer_state}
         ranks: list[dict[str, Any]] | None = [None] * layout.world if layout.rank == 0 else None  # type: ignore[list-item]
         dist.gather_object(mine, ranks, dst=0, group=world_group)
         if layout.rank == 0:
-            local = optimizer.state_dict()
-            saved = {
-                **trainer_state,
-                "optimizer": {"state": {}, "param_groups": local["param_groups"]},
-                "sharded": {"optimizer": has_optim, "names": _index_names(optimizer, model)},
-                "loader": global_loader_state(trainer_state["loader"]),
-                "ranks": ranks,
-                "parallel": {"world": layout.world, "expert": layout.expert},
-            }
-            torch.save(saved, tmp / TRAINER_FILE)
-            finish_checkpoint(run_dir, step, tmp, keep, protected, fmt=FORMAT)
+            try:
+                local = optimizer.state_dict()
+                saved = {
+                    **trainer_state,
+                    "optimizer": {"state": {}, "param_groups": local["param_groups"]},
+                    "sharded": {"optimizer": has_optim, "names": _index_names(optimizer, model)},
+                    "loader": global_loader_state(trainer_state["loader"]),
+                    "ranks": ranks,
+                    "parallel": {"world": layout.world, "expert": layout.expert},
+                }
+                torch.save(saved, tmp / TRAINER_FILE)
+                finish_checkpoint(run_dir, step, tmp, keep, protected, fmt=FORMAT)
+            except Exception as exc:
+                finished = [f"{type(exc).__name__}: {exc}"]
+                raise
     finally:
-        # NOTE: nobody goes on before the checkpoint is in place (or rank 0 failed and exits).
-        dist.barrier(group=world_group)
+        # NOTE: nobody goes on before the checkpoint is in place, and everyone learns whether rank 0
+        # put it there (the broadcast is the barrier).
+        dist.broadcast_object_list(finished, src=0, group=world_group)
         if layout.rank == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if finished[0] is not None:
+        raise CheckpointError(f"checkpoint {step} could not be finished on rank 0: {finished[0]}")
 
 
 # ---------------------------------------------------------------------------------------------
