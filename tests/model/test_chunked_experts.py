@@ -146,3 +146,49 @@ def test_auto_takes_the_chunked_path_on_the_cpu_and_padded_where_no_grouped_kern
     experts_swiglu(torch.randn(20, 10), plan, torch.randn(4, 12, 10), torch.randn(4, 10, 6), "auto")
     experts_swiglu(torch.randn(20, 16), plan, torch.randn(4, 16, 16), torch.randn(4, 16, 8), "grouped_mm")
     assert calls == [1]
+
+
+def test_explicit_chunked_refuses_what_it_cannot_run_and_grouped_mm_reads_it_as_auto() -> None:
+    gen = torch.Generator().manual_seed(11)
+    plan = random_plan(12, 4, 2, gen)
+    x, gate_up, down = torch.randn(12, 16).double(), torch.randn(4, 16, 16).double(), torch.randn(4, 16, 8).double()
+    with pytest.raises(ValueError, match="chunked experts path needs .*float64"):
+        experts_swiglu(x, plan, gate_up, down, "chunked")
+    # expert parallelism passes Experts.matmul on to grouped_mm: "chunked" must run there as "auto"
+    counts = torch.tensor([3, 0, 5])
+    xs, w = torch.randn(8, 16, generator=gen), torch.randn(3, 8, 16, generator=gen)
+    torch.testing.assert_close(
+        dispatch.grouped_mm(xs, w, counts, "chunked"), dispatch.grouped_mm(xs, w, counts, "auto")
+    )
+
+
+def _moe_grads(moe, x, impl, checkpointed: bool, autocast: bool):
+    moe.experts.matmul = impl
+    moe.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if checkpointed:
+            y, aux = torch.utils.checkpoint.checkpoint(moe, xg[None], use_reentrant=False)
+        else:
+            y, aux = moe(xg[None])
+    (y.float().square().sum() + aux).backward()
+    return [xg.grad] + [p.grad.clone() for p in moe.parameters()]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_under_activation_checkpointing_and_autocast_equals_the_one_shot_path(autocast, monkeypatch) -> None:
+    from moelab.config import MoEConfig
+    from moelab.model.moe import MoE
+
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 24 * 64 * 4)  # several chunks
+    torch.manual_seed(4)
+    moe = MoE(32, MoEConfig(num_experts=8, top_k=2, expert_hidden=16)).train()
+    with torch.no_grad():
+        for p in moe.parameters():  # the layer leaves initialisation to the model
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+    x = torch.randn(70, 32)
+    reference = _moe_grads(moe, x, "grouped_mm", checkpointed=False, autocast=autocast)
+    got = _moe_grads(moe, x, "chunked", checkpointed=True, autocast=autocast)
+    tol = dict(atol=3e-2, rtol=3e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    for g, r in zip(got, reference):
+        torch.testing.assert_close(g, r, **tol)

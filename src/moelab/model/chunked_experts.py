@@ -106,7 +106,10 @@ class ChunkedExpertsSwiGLU(torch.autograd.Function):
         out_TD = chunked_experts_forward(
             x_TD, token_index_S, weight_S, gate_up_E2ID, down_EDI, tokens_per_expert, bounds, keep=kept
         )
-        ctx.save_for_backward(x_TD, weight_S, gate_up_E2ID, down_EDI, token_index_S, *kept)
+        # NOTE: x_TD itself is not kept: the backward needs only the gathered rows (in `kept`) and
+        # its shape and dtype.
+        ctx.save_for_backward(weight_S, gate_up_E2ID, down_EDI, token_index_S, *kept)
+        ctx.x_meta = (x_TD.shape, x_TD.dtype, x_TD.device)
         ctx.tokens_per_expert = tokens_per_expert
         ctx.bounds = bounds
         return out_TD
@@ -114,12 +117,12 @@ class ChunkedExpertsSwiGLU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_TD):
-        x_TD, weight_S, gate_up_E2ID, down_EDI, token_index_S, *kept = ctx.saved_tensors
+        weight_S, gate_up_E2ID, down_EDI, token_index_S, *kept = ctx.saved_tensors
         needs_x, needs_weight, needs_gate_up, needs_down = ctx.needs_input_grad[:4]
-        dtype = x_TD.dtype
+        x_shape, dtype, device = ctx.x_meta
         grad_out_TD = grad_out_TD.to(dtype)
         acc_dtype = torch.promote_types(dtype, torch.float32)
-        grad_x_TD = torch.zeros(x_TD.shape, dtype=acc_dtype, device=x_TD.device) if needs_x else None
+        grad_x_TD = torch.zeros(x_shape, dtype=acc_dtype, device=device) if needs_x else None
         grad_weight_S = torch.zeros_like(weight_S) if needs_weight else None
         # NOTE: empty, not zeros: every chunk writes its experts' rows (an expert without slots gets
         # the zeros of an empty grouped product), so zero-filling both first would be wasted
@@ -133,7 +136,7 @@ class ChunkedExpertsSwiGLU(torch.autograd.Function):
                         grad[e0:e1] = 0
         chunks = [b for b in ctx.bounds if b[3] > b[2]]
         for (e0, e1, s0, s1), x_cD, gate_up_c2I in zip(chunks, kept[0::2], kept[1::2]):
-            offsets_G = _offsets(ctx.tokens_per_expert[e0:e1], x_TD.device)
+            offsets_G = _offsets(ctx.tokens_per_expert[e0:e1], device)
             token_index_c = token_index_S[s0:s1]
             weight_c1 = weight_S[s0:s1, None]
             grad_y_cD = grad_out_TD.index_select(0, token_index_c)

@@ -114,9 +114,11 @@ def grouped_mm(
 ) -> torch.Tensor:
     """out[s] = x[s] @ weight[e(s)].T for slots grouped by expert; returns [S, N].
 
-    impl: "auto" (grouped_mm where it has a kernel, else padded bmm), "grouped_mm" or "padded".
+    impl: "auto" (grouped_mm where it has a kernel, else padded bmm), "grouped_mm" or "padded";
+    "chunked" (a dispatch choice of experts_swiglu, which callers such as expert parallelism pass
+    through from Experts.matmul) means "auto" here.
     """
-    if impl == "auto":
+    if impl in ("auto", "chunked"):
         impl = "grouped_mm" if grouped_mm_available(x_SK, weight_ENK) else "padded"
     if impl == "grouped_mm":
         offsets_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
@@ -169,7 +171,8 @@ def experts_swiglu(
 
     impl: "auto" (chunk by chunk on the CPU, else one grouped matmul per projection over all slots,
     or padded bmm where no grouped kernel runs), "chunked", "grouped_mm" (all slots at once, the
-    reference for the chunked path) or "padded"."""
+    reference for the chunked path) or "padded". The chunked path is differentiable once (no
+    `create_graph` double backward); "grouped_mm" is where one is needed."""
     T, D = x_TD.shape
     compute_dtype = x_TD.dtype
     if torch.is_autocast_enabled(x_TD.device.type):
@@ -178,9 +181,19 @@ def experts_swiglu(
         compute_dtype = torch.get_autocast_dtype(x_TD.device.type)
     gate_up = gate_up_E2ID.to(compute_dtype)
     down = down_EDI.to(compute_dtype)
-    if impl == "chunked" or (impl == "auto" and chunked_available(x_TD.to(compute_dtype), gate_up, down)):
+    x_compute_TD = x_TD.to(compute_dtype)
+    chunked = impl == "auto" and chunked_available(x_compute_TD, gate_up, down)
+    if impl == "chunked":
+        if not chunked_available(x_compute_TD, gate_up, down):
+            raise ValueError(
+                f"the chunked experts path needs eager CPU code with fp32 or bf16 operands whose rows are "
+                f"multiples of 16 bytes (got {x_compute_TD.dtype} on {x_TD.device.type}, D={D}, "
+                f"I={down.shape[-1]}); use matmul='auto'"
+            )
+        chunked = True
+    if chunked:
         out_TD = chunked_experts_swiglu(
-            x_TD.to(compute_dtype),
+            x_compute_TD,
             plan.token_index_S,
             plan.weight_S.to(compute_dtype),
             plan.tokens_per_expert_E,
@@ -188,7 +201,7 @@ def experts_swiglu(
             down,
         )
         return out_TD.to(x_TD.dtype)
-    x_SD = x_TD.to(compute_dtype).index_select(0, plan.token_index_S)  # [S, D], grouped by expert
+    x_SD = x_compute_TD.index_select(0, plan.token_index_S)  # [S, D], grouped by expert
     gate_up_S2I = grouped_mm(x_SD, gate_up, plan.tokens_per_expert_E, impl)  # [S, 2I]
     gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
     # NOTE: the routing weight scales the activation before the down projection (a linear map),
