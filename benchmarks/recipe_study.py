@@ -60,6 +60,10 @@ FACTORS: dict[str, tuple[str, list[str]]] = {
         "no shared expert; k=8 keeps 512 active units (8 x 64)",
         ["model.moe.num_shared_experts=0", "model.moe.top_k=8", "model.moe.route_scale=8.0"],
     ),
+    "lr-1.5e-3": ("the default at half the shared learning rate (tuning the MoE arm)", ["train.lr=1.5e-3"]),
+    "lr-6e-3": ("the default at twice the shared learning rate (tuning the MoE arm)", ["train.lr=6e-3"]),
+    "dense-lr-1.5e-3": ("the dense twin at half the shared learning rate (tuning it)", ["@dense", "train.lr=1.5e-3"]),
+    "dense-lr-6e-3": ("the dense twin at twice the shared learning rate (tuning it)", ["@dense", "train.lr=6e-3"]),
     "coarse-16x2": (
         "coarser experts: E=16, k=2, I=192 (same active expert width as 6 x 64, half the total)",
         ["model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.expert_hidden=192", "model.moe.route_scale=2.0"],
