@@ -7,6 +7,10 @@ k=8) at T=4096, and the default preset's layer (D=128, I=64, E=64, k=6, T=8192 =
 router losses); each cell is the median over rounds divided by the dense reference's median.
 `moelab.model.chunked_experts.CHUNK_BYTES` is what the chunk sizes set.
 
+Also printed, the cost the chunks avoid: gathering the fine shape's 32768 token-slots of width 512
+(64 MB) into a fresh tensor against into one allocated before the timing, and zero-filling a fresh
+64 MB tensor (a fresh allocation this large is a new mapping whose pages fault on first write).
+
     python benchmarks/chunk_size.py [--rounds 9] [--shapes coarse,fine,preset] [--out benchmarks/results/chunk_size.json]
 """
 
@@ -97,6 +101,27 @@ def run(shape: dict, rounds: int) -> dict:
     }
 
 
+def allocation_cost(rounds: int) -> dict:
+    """Milliseconds (median) of the fine shape's gather into a fresh / a reused [32768, 512] fp32
+    tensor, and of torch.zeros of that size."""
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(4096, 512, generator=gen)
+    token_index_S = torch.randint(0, 4096, (32768,), generator=gen)
+    reused_SD = torch.empty(32768, 512)
+    cases = {
+        "gather into a fresh tensor": lambda: x_TD.index_select(0, token_index_S),
+        "gather into a reused tensor": lambda: torch.index_select(x_TD, 0, token_index_S, out=reused_SD),
+        "zeros, fresh": lambda: torch.zeros(32768, 512),
+    }
+    times = {name: [] for name in cases}
+    for _ in range(rounds + 1):  # the first round is a warm-up
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(v[1:])[len(v[1:]) // 2] * 1e3 for name, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=9)
@@ -112,6 +137,10 @@ def main() -> None:
         print(f"{'variant':22s} {'fwd x':>7s} {'f+b x':>7s}")
         for variant, r in rows.items():
             print(f"{variant:22s} {r['forward_ratio']:7.2f} {r['forward_backward_ratio']:7.2f}")
+    results["allocation_ms"] = allocation_cost(args.rounds)
+    print(
+        "\nfine shape's 64 MB slot tensor: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["allocation_ms"].items())
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
