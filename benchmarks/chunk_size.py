@@ -129,7 +129,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chunk_size.json"))
     args = ap.parse_args()
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "shapes": {}}
-    for name in [s for s in args.shapes.split(",") if s]:
+    names = [s for s in args.shapes.split(",") if s]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown or not names:
+        ap.error(f"--shapes {args.shapes!r}: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    for name in names:
         shape = SHAPES[name]
         rows = run(shape, args.rounds)
         results["shapes"][name] = {"shape": shape, "rows": rows}

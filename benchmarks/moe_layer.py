@@ -231,7 +231,10 @@ def main() -> None:
         results["transformers"] = transformers.__version__
     except ImportError:
         results["transformers"] = None
-    for config in [c for c in args.configs.split(",") if c]:
+    configs = [c for c in args.configs.split(",") if c]
+    if unknown := [c for c in configs if c not in CONFIGS]:
+        ap.error(f"--configs {args.configs!r}: unknown {unknown}; choose from {', '.join(CONFIGS)} (or '' for none)")
+    for config in configs:
         c = CONFIGS[config]
         modules = {name: m for name in IMPLS if (m := build(name, c)) is not None}
         x = torch.randn(1, args.tokens, c["D"], generator=torch.Generator().manual_seed(4))

@@ -42,13 +42,8 @@ def check(T, D, I, E, k, gen, skew=0.0, empty=0, dtype=torch.float32, atol=2e-5,
     weight = plan.weight_S.clone()
     leaves = [t.to(dtype).requires_grad_(True) for t in (x, weight, gate_up, down)]
     leaves64 = [t.double().requires_grad_(True) for t in (x, weight, gate_up, down)]
-    out = experts_swiglu(
-        leaves[0],
-        DispatchPlan(plan.token_index_S, leaves[1], plan.tokens_per_expert_E, plan.dropped_slots),
-        leaves[2],
-        leaves[3],
-        "chunked",
-    )
+    plan32 = DispatchPlan(plan.token_index_S, leaves[1], plan.tokens_per_expert_E, plan.dropped_slots)
+    out = experts_swiglu(leaves[0], plan32, leaves[2], leaves[3], "chunked")
     plan64 = DispatchPlan(plan.token_index_S, leaves64[1], plan.tokens_per_expert_E, plan.dropped_slots)
     ref = reference(leaves64[0], plan64, leaves64[2], leaves64[3])
     assert out.dtype == dtype
@@ -60,13 +55,7 @@ def check(T, D, I, E, k, gen, skew=0.0, empty=0, dtype=torch.float32, atol=2e-5,
         torch.testing.assert_close(g.double(), g64, atol=atol * 10, rtol=rtol * 10, msg=name)
     # Autograd off (evaluation): the same forward without the saved projections.
     with torch.no_grad():
-        out_eval = experts_swiglu(
-            leaves[0],
-            DispatchPlan(plan.token_index_S, leaves[1], plan.tokens_per_expert_E, plan.dropped_slots),
-            leaves[2],
-            leaves[3],
-            "chunked",
-        )
+        out_eval = experts_swiglu(leaves[0], plan32, leaves[2], leaves[3], "chunked")
     torch.testing.assert_close(out_eval, out.detach(), atol=0, rtol=0)
 
 
