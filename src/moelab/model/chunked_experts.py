@@ -35,15 +35,15 @@ import torch.nn.functional as F
 CHUNK_BYTES = 4 * 2**20
 
 
-def chunk_bounds(tokens_per_expert: list[int], rows_per_chunk: int) -> list[tuple[int, int, int, int]]:
+def chunk_bounds(tokens_per_expert: list[int], min_rows: int) -> list[tuple[int, int, int, int]]:
     """(first expert, end expert, first slot, end slot) of consecutive expert groups, each holding
-    at least `rows_per_chunk` slots (the last one what is left); an expert is never split, so one
+    at least `min_rows` slots (the last one what is left); an expert is never split, so one
     expert with more slots makes its chunk larger. Every expert belongs to exactly one chunk."""
     bounds: list[tuple[int, int, int, int]] = []
     first_expert = first_slot = slot = 0
     for expert, count in enumerate(tokens_per_expert):
         slot += count
-        if slot - first_slot >= rows_per_chunk:
+        if slot - first_slot >= min_rows:
             bounds.append((first_expert, expert + 1, first_slot, slot))
             first_expert, first_slot = expert + 1, slot
     if first_expert < len(tokens_per_expert):
