@@ -64,6 +64,17 @@ FACTORS: dict[str, tuple[str, list[str]]] = {
     "lr-6e-3": ("the default at twice the shared learning rate (tuning the MoE arm)", ["train.lr=6e-3"]),
     "dense-lr-1.5e-3": ("the dense twin at half the shared learning rate (tuning it)", ["@dense", "train.lr=1.5e-3"]),
     "dense-lr-6e-3": ("the dense twin at twice the shared learning rate (tuning it)", ["@dense", "train.lr=6e-3"]),
+    # Which part of the model the decay phase helps (train.decay_scope): the parameters outside the
+    # scope keep the peak learning rate through the decay; "no-decay" keeps it for all.
+    "decay-ffn-only": ("only the MoE layers (router, experts, shared expert) decay", ["train.decay_scope=ffn"]),
+    "decay-rest-only": ("everything but the MoE layers decays", ["train.decay_scope=non_ffn"]),
+    "no-decay": ("no decay (constant learning rate after the warmup)", ["train.schedule=constant"]),
+    "dense-decay-ffn-only": ("the dense twin, only its FFNs decay", ["@dense", "train.decay_scope=ffn"]),
+    "dense-decay-rest-only": (
+        "the dense twin, everything but its FFNs decays",
+        ["@dense", "train.decay_scope=non_ffn"],
+    ),
+    "dense-no-decay": ("the dense twin without decay", ["@dense", "train.schedule=constant"]),
     "coarse-16x2": (
         "coarser experts: E=16, k=2, I=192 (same active expert width as 6 x 64, half the total)",
         ["model.moe.num_experts=16", "model.moe.top_k=2", "model.moe.expert_hidden=192", "model.moe.route_scale=2.0"],
@@ -105,7 +116,8 @@ def decay_gain(run: Path, cfg) -> float | None:
     """Validation loss just before the WSD decay minus the final one: what the decay phase bought."""
     from moelab.train.schedule import decay_start
 
-    start = decay_start(cfg.train)
+    # the base recipe's decay start, also for a variant without a decay (what it gained meanwhile)
+    start = decay_start(cfg.train) or decay_start(factor_config("default").train)
     rows = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
     before = [r["val_loss"] for r in rows if r["step"] <= start]
     return (before[-1] - rows[-1]["val_loss"]) if before and rows else None

@@ -45,6 +45,7 @@ MOE_SIZE_CEILINGS = {
 }
 BALANCE_COUPLING_CHOICES = ("none", "lr", "stop_at_decay")
 BALANCE_SCOPE_CHOICES = ("micro_batch", "step")
+DECAY_SCOPE_CHOICES = ("all", "ffn", "non_ffn")
 SCHEDULE_CHOICES = ("cosine", "wsd", "constant")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
@@ -303,6 +304,10 @@ class TrainConfig:
     # micro_batch: the Switch loss balances each micro-batch's load (over data-parallel ranks); step:
     # the load of the whole optimizer step, all micro-batches and ranks (global-batch balancing)
     balance_scope: str = "micro_batch"
+    # Which parameters the schedule's decay lowers (a diagnostic: which part of the model the decay
+    # phase helps): all | ffn (each block's dense FFN or MoE layer, router and shared experts
+    # included) | non_ffn (everything else). The others follow the schedule without its decay.
+    decay_scope: str = "all"
     # Experiment trackers that receive every metrics.jsonl row (their files go inside the run
     # directory): tensorboard | wandb (offline unless WANDB_MODE says otherwise). [] = none.
     report_to: list[str] = field(default_factory=list)
@@ -353,6 +358,12 @@ class TrainConfig:
             f"{prefix}.balance_scope",
             self.balance_scope,
             f"one of {BALANCE_SCOPE_CHOICES}",
+        )
+        _check(
+            self.decay_scope in DECAY_SCOPE_CHOICES,
+            f"{prefix}.decay_scope",
+            self.decay_scope,
+            f"one of {DECAY_SCOPE_CHOICES}",
         )
         _check(
             0 <= self.balance_warmup_steps <= self.max_steps,

@@ -43,6 +43,7 @@ from moelab.train.schedule import (
     learning_rate,
     router_frozen,
     set_learning_rate,
+    undecayed_learning_rate,
 )
 from moelab.train.trackers import require_trackers
 
@@ -275,7 +276,7 @@ class Trainer:
         """One optimizer step, or none when the monitor rejects its loss or gradient (the alert)."""
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        set_learning_rate(self.optimizer, learning_rate(self.step, cfg))
+        set_learning_rate(self.optimizer, learning_rate(self.step, cfg), undecayed_learning_rate(self.step, cfg))
         self.model.set_balance_scale(balance_scale(self.step, cfg))
         self.model.start_step(balance_over_step=cfg.balance_scope == "step")
         loss, aux = self._forward_backward()
