@@ -174,6 +174,128 @@ def table(out: Path, json_path: Path | None) -> None:
         print(f"wrote {json_path}")
 
 
+def _curve(run: Path) -> tuple[dict[int, float], dict[int, dict]]:
+    """(validation loss by step, training row by step) of a finished run."""
+    rows = RunDir(run).read_metrics()
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}, {r["step"]: r for r in rows if "loss" in r}
+
+
+def _train_loss(rows: dict[int, dict], lo: int, hi: int) -> float:
+    """Mean logged training loss over steps (lo, hi] (each row averages its log interval)."""
+    values = [r["loss"] for s, r in rows.items() if lo < s <= hi]
+    return sum(values) / len(values)
+
+
+ROUTER_KEYS = ("entropy", "max_logit", "effective_experts", "similarity_mean")
+
+
+def decay_analysis(out: Path, json_path: Path | None) -> None:
+    """Where the flip happens and what the decay phase changes, over every seed of the default MoE
+    and its dense twin (paired by seed, Student-t intervals), and the decay-scope localisation."""
+    from moelab.analysis.intervals import mean_interval
+
+    base_cfg = factor_config("default")
+    start = decay_start_of(base_cfg)
+    before = max(s for s in _curve(out / "default")[0] if s <= start)  # the last evaluation before the decay
+    end = base_cfg.train.max_steps
+    per_arm: dict[str, list[dict]] = {}
+    for arm in ("default", "dense"):
+        for seed in range(100):
+            run = run_dir(out, arm, seed)
+            if RunDir(run).read_summary() is None:
+                break
+            val, train = _curve(run)
+            log_every = base_cfg.train.eval_every
+            row = {
+                "seed": seed,
+                "val_mid": val[end // 2],
+                "val_before": val[before],
+                "val_final": val[end],
+                "val_gain": val[before] - val[end],
+                "train_before": _train_loss(train, before - log_every, before),
+                "train_final": _train_loss(train, end - log_every, end),
+            }
+            row["train_gain"] = row["train_before"] - row["train_final"]
+            row["val_curve"] = {str(step): loss for step, loss in sorted(val.items())}
+            if f"router.0.{ROUTER_KEYS[0]}" in train[end]:
+                layers = sorted({k.split(".")[1] for k in train[end] if k.startswith("router.")}, key=int)
+                for key in ROUTER_KEYS:
+                    for step, tag in ((before, "before"), (end, "final")):
+                        row[f"{key}_{tag}"] = [train[step][f"router.{layer}.{key}"] for layer in layers]
+            per_arm.setdefault(arm, []).append(row)
+    n = min(len(per_arm.get("default", [])), len(per_arm.get("dense", [])))
+    paired = {}
+    print(
+        f"evaluations at step {end // 2} (mid), {before} (before the decay, which starts at {start}) and {end}; "
+        f"{n} paired seeds"
+    )
+    print("| quantity | default MoE (mean) | dense (mean) | MoE - dense, 95% interval | seeds MoE worse |")
+    print("| --- | --- | --- | --- | --- |")
+    for key in ("val_mid", "val_before", "val_final", "val_gain", "train_before", "train_final", "train_gain"):
+        moe = [r[key] for r in per_arm["default"][:n]]
+        dense = [r[key] for r in per_arm["dense"][:n]]
+        diff = mean_interval([a - b for a, b in zip(moe, dense)])
+        worse = sum((a < b) if key.endswith("gain") else (a > b) for a, b in zip(moe, dense))
+        paired[key] = {"moe": moe, "dense": dense, "moe_minus_dense": diff.to_dict(), "seeds_moe_worse": worse}
+        print(
+            f"| {key} | {sum(moe) / n:.4f} | {sum(dense) / n:.4f} | {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}] "
+            f"| {worse} of {n} |"
+        )
+    print("\n| step | default MoE val loss (mean) | dense (mean) | MoE - dense, 95% interval |")
+    print("| --- | --- | --- | --- |")
+    gap_curve = []
+    steps = sorted(int(s) for s in per_arm["default"][0]["val_curve"] if int(s) > 0)
+    for step in steps:
+        moe = [r["val_curve"][str(step)] for r in per_arm["default"][:n]]
+        dense = [r["val_curve"][str(step)] for r in per_arm["dense"][:n]]
+        diff = mean_interval([a - b for a, b in zip(moe, dense)])
+        gap_curve.append(
+            {"step": step, "moe": sum(moe) / n, "dense": sum(dense) / n, "moe_minus_dense": diff.to_dict()}
+        )
+        if step % 100 == 0 or step == before:
+            print(
+                f"| {step} | {sum(moe) / n:.4f} | {sum(dense) / n:.4f} | {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}] |"
+            )
+    localisation = []
+    for name in ("default", "decay-ffn-only", "decay-rest-only", "no-decay"):
+        for arm_name in (name, "dense" if name == "default" else f"dense-{name}"):
+            run = out / arm_name
+            if RunDir(run).read_summary() is None:
+                continue
+            val, _ = _curve(run)
+            localisation.append({"run": arm_name, "val_before": val[before], "val_final": val[end]})
+    if localisation:
+        print("\n| run (seed 0) | what decays | val before decay | final | gain through the decay phase |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in localisation:
+            what = FACTORS[r["run"]][0] if r["run"] in FACTORS else r["run"]
+            print(
+                f"| {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | "
+                f"{r['val_before'] - r['val_final']:.4f} |"
+            )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "base_overrides": BASE,
+            "preset": "small-moe",
+            "eval_before_decay": before,
+            "decay_start": start,
+            "final_step": end,
+            "per_seed": per_arm,
+            "paired": paired,
+            "gap_curve": gap_curve,
+            "localisation": localisation,
+        }
+        json_path.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {json_path}")
+
+
+def decay_start_of(cfg) -> int:
+    from moelab.train.schedule import decay_start
+
+    return decay_start(cfg.train)
+
+
 def confirm(factors: list[str]) -> None:
     for name in factors:
         sets = " ".join(f"--set {o}" for o in FACTORS[name][1] if not o.startswith("@"))
@@ -186,18 +308,24 @@ def confirm(factors: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["screen", "table", "confirm"])
+    ap.add_argument("stage", choices=["screen", "table", "confirm", "decay"])
     ap.add_argument("--only", default="", help="comma-separated factors (screen)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (screen); seed 0 is the run named NAME")
     ap.add_argument("--factors", default="", help="comma-separated factors (confirm)")
     ap.add_argument("--out", default="runs/recipe-screen")
-    ap.add_argument("--json", default="docs/results/recipe-screen.json")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="where table / decay write their JSON (default docs/results/recipe-screen.json / recipe-decay.json; '' for none)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     if args.stage == "screen":
         screen(out, [n for n in args.only.split(",") if n] or None, [int(x) for x in args.seeds.split(",")])
     elif args.stage == "table":
-        table(out, Path(args.json) if args.json else None)
+        table(out, Path(args.json or "docs/results/recipe-screen.json") if args.json != "" else None)
+    elif args.stage == "decay":
+        decay_analysis(out, Path(args.json or "docs/results/recipe-decay.json") if args.json != "" else None)
     else:
         confirm([n for n in args.factors.split(",") if n])
 
