@@ -1,11 +1,14 @@
-"""Fixtures of the inference tests: the trained tiny run, loaded once."""
+"""Fixtures of the inference tests: the trained tiny run, loaded once, and a server of it per test
+module that asks for one."""
 
 from __future__ import annotations
 
+import openai
 import pytest
 import torch
 
 from moelab.infer.server import Servable
+from tests.infer.helpers import client, ready, start
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -30,3 +33,18 @@ def tiny(tiny_run):
 @pytest.fixture(scope="session")
 def tiny_servable(tiny) -> Servable:
     return Servable(tiny.model, tiny.tokenizer, created=123)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_servable):
+    """The tiny model served on a free localhost port, ready, for the module's tests."""
+    srv = start(lambda: tiny_servable)
+    ready(srv)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server) -> openai.OpenAI:
+    """The official openai client of the module's server."""
+    return client(server)

@@ -1,11 +1,18 @@
-"""Test doubles and polling for the inference tests."""
+"""Test doubles, polling and the real server's start and clients for the inference tests."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import httpx
+import openai
 import torch
+
+from moelab.infer.engine import EngineConfig
+from moelab.infer.server import BackgroundServer, ServerSettings, create_app
+
+MODEL = "tiny"  # the name the test servers serve their model under
 
 
 class StepGate(torch.nn.Module):
@@ -52,3 +59,19 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def start(load, **settings) -> BackgroundServer:
+    """A server on a free localhost port for the model `load()` returns (16 rows, queue 64 unless
+    `engine` says otherwise); not yet known to be ready (`ready`)."""
+    engine = settings.pop("engine", EngineConfig(max_batch=16, max_queue=64))
+    app = create_app(load, ServerSettings(model_name=MODEL, engine=engine, **settings))
+    return BackgroundServer(app).start()
+
+
+def ready(server: BackgroundServer, headers=None) -> None:
+    wait_for(lambda: httpx.get(server.url + "/health", headers=headers).status_code == 200, what="the model to load")
+
+
+def client(server: BackgroundServer, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)

@@ -23,8 +23,8 @@ from moelab.infer.chat_template import (
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingParams
 from moelab.infer.server import load_servable
+from tests.infer.helpers import MODEL, client, ready, start
 from tests.infer.test_cli import usage_error
-from tests.infer.test_server import MODEL, client, ready, start
 
 transformers = pytest.importorskip("transformers")
 

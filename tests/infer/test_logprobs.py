@@ -9,28 +9,14 @@ import math
 from types import SimpleNamespace
 
 import httpx
-import openai
 import pytest
 import torch
 
 from moelab.infer.chat import ChatEncoder
 from moelab.infer.server import BackgroundServer
-from tests.infer.test_server import MODEL, client, ready, start
+from tests.infer.helpers import MODEL
 
 C, CC = "/v1/completions", "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_servable):
-    srv = start(lambda: tiny_servable)
-    ready(srv)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def api(server) -> openai.OpenAI:
-    return client(server)
 
 
 def reference_logprobs(tiny, ids: list[int]) -> torch.Tensor:

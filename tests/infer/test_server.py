@@ -17,25 +17,10 @@ from moelab.infer.chat import render_chat
 from moelab.infer.engine import EngineConfig, choice_seed
 from moelab.infer.generate import generate
 from moelab.infer.sampling import SamplingParams
-from moelab.infer.server import BackgroundServer, Servable, ServerSettings, create_app
-from tests.infer.helpers import StepGate, wait_for
+from moelab.infer.server import BackgroundServer, Servable
+from tests.infer.helpers import MODEL, StepGate, client, ready, start, wait_for
 
-MODEL = "tiny"
 GREEDY = SamplingParams(temperature=0)
-
-
-def start(load, **settings) -> BackgroundServer:
-    engine = settings.pop("engine", EngineConfig(max_batch=16, max_queue=64))
-    app = create_app(load, ServerSettings(model_name=MODEL, engine=engine, **settings))
-    return BackgroundServer(app).start()
-
-
-def ready(server: BackgroundServer, headers=None) -> None:
-    wait_for(lambda: httpx.get(server.url + "/health", headers=headers).status_code == 200, what="the model to load")
-
-
-def client(server: BackgroundServer, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def metric(server: BackgroundServer, name: str, headers=None) -> float:
@@ -44,19 +29,6 @@ def metric(server: BackgroundServer, name: str, headers=None) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_servable):
-    srv = start(lambda: tiny_servable)
-    ready(srv)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def api(server) -> openai.OpenAI:
-    return client(server)
 
 
 def complete_ref(tiny, prompt: str, max_tokens: int, params=GREEDY, seed=None) -> str:
