@@ -54,7 +54,8 @@ def serve_child(keep_alive: float, max_connections: int) -> None:
     from moelab.config import load_config
     from moelab.data.tokenizer import bytes_tokenizer
     from moelab.infer.engine import EngineConfig
-    from moelab.infer.server import BackgroundServer, Servable, ServerSettings, create_app
+    from moelab.infer.http_transport import BackgroundServer
+    from moelab.infer.server import Servable, ServerSettings, create_app
     from moelab.model import Transformer
 
     torch.set_num_threads(1)

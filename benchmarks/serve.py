@@ -358,12 +358,8 @@ def main() -> None:
     for name, model in models.items():
         config = EngineConfig(max_batch=max_batch, max_queue=4 * max_batch)
         if args.http:
-            from moelab.infer.server import (
-                BackgroundServer,
-                Servable,
-                ServerSettings,
-                create_app,
-            )
+            from moelab.infer.http_transport import BackgroundServer
+            from moelab.infer.server import Servable, ServerSettings, create_app
 
             app = create_app(lambda m=model: Servable(m, tokenizer), ServerSettings(model_name=name, engine=config))
             servers[name] = BackgroundServer(app).start()

@@ -10,7 +10,8 @@ import openai
 import torch
 
 from moelab.infer.engine import EngineConfig
-from moelab.infer.server import BackgroundServer, ServerSettings, create_app
+from moelab.infer.http_transport import BackgroundServer
+from moelab.infer.server import ServerSettings, create_app
 
 MODEL = "tiny"  # the name the test servers serve their model under
 

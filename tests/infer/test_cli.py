@@ -22,8 +22,8 @@ from moelab.data.tokenizer import IM_END
 from moelab.infer.chat import ChatEncoder, render_chat
 from moelab.infer.engine import Engine, EngineConfig
 from moelab.infer.generate import generate
+from moelab.infer.http_transport import bind
 from moelab.infer.sampling import SamplingParams
-from moelab.infer.server import bind
 from tests.infer.helpers import wait_for
 
 GREEDY = SamplingParams(temperature=0)

@@ -150,7 +150,8 @@ def test_through_the_server_matches_the_harness_hf_model_on_the_export(tiny, tin
     pytest.importorskip("tenacity")
     import httpx
 
-    from moelab.infer.server import BackgroundServer, ServerSettings, create_app
+    from moelab.infer.http_transport import BackgroundServer
+    from moelab.infer.server import ServerSettings, create_app
     from moelab.interop.export import export_hf
     from tests.infer.helpers import wait_for
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelab.infer.chat import ChatEncoder
-from moelab.infer.server import BackgroundServer
+from moelab.infer.http_transport import BackgroundServer
 from tests.infer.helpers import MODEL
 
 C, CC = "/v1/completions", "/v1/chat/completions"

@@ -16,8 +16,9 @@ from moelab.data.tokenizer import IM_END
 from moelab.infer.chat import render_chat
 from moelab.infer.engine import EngineConfig, choice_seed
 from moelab.infer.generate import generate
+from moelab.infer.http_transport import BackgroundServer
 from moelab.infer.sampling import SamplingParams
-from moelab.infer.server import BackgroundServer, Servable
+from moelab.infer.server import Servable
 from tests.infer.helpers import MODEL, StepGate, client, ready, start, wait_for
 
 GREEDY = SamplingParams(temperature=0)

@@ -19,7 +19,8 @@ import pytest
 
 from moelab.cli import main
 from moelab.infer.engine import EngineConfig
-from moelab.infer.server import BackgroundServer, Servable, ServerSettings, create_app
+from moelab.infer.http_transport import BackgroundServer
+from moelab.infer.server import Servable, ServerSettings, create_app
 from tests.infer.helpers import StepGate, wait_for
 
 MODEL = "tiny"
@@ -393,8 +394,8 @@ def test_bad_connection_flags_are_one_line_errors(tiny_run, capsys, flag, value)
 
 def test_the_connection_flags_reach_uvicorn() -> None:
     from moelab.cli import serve
-    from moelab.infer import server as srv
-    from moelab.infer.server import uvicorn_server
+    from moelab.infer import http_transport as srv
+    from moelab.infer.http_transport import uvicorn_server
 
     assert (serve.DEFAULT_TIMEOUT_KEEP_ALIVE_S, serve.DEFAULT_MAX_CONNECTIONS) == (
         srv.DEFAULT_TIMEOUT_KEEP_ALIVE_S,

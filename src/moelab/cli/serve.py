@@ -13,7 +13,7 @@ from moelab.cli.common import add_sampling_flags, sampling_params
 from moelab.errors import MoelabError
 
 API_KEY_ENV = "MOELAB_API_KEY"
-DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # as moelab.infer.server's (not imported: the CLI starts without FastAPI)
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # as moelab.infer.http_transport's (not imported: the CLI starts without FastAPI)
 DEFAULT_MAX_CONNECTIONS = 256
 
 
@@ -58,13 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require("moelab serve", "serve")  # fastapi, uvicorn, prometheus_client, jinja2 (chat templates)
     from moelab.device import resolve_device
     from moelab.infer.chat_template import read_chat_template
-    from moelab.infer.server import (
-        ServerSettings,
-        bind,
-        create_app,
-        load_servable,
-        uvicorn_server,
-    )
+    from moelab.infer.http_transport import bind, uvicorn_server
+    from moelab.infer.server import ServerSettings, create_app, load_servable
     from moelab.rundir import resolve_checkpoint
 
     run, checkpoint = resolve_checkpoint(args.run)  # bad paths fail now, not in the background

@@ -1,5 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one Engine.
 
+This module holds the server's settings and what it serves (ServerSettings, Servable,
+load_servable), the app (`create_app`: its state and routes), the steps from an HTTP request to an
+engine request, and the error handlers. Answering a generation request from the engine's events is
+moelab.infer.responses; uvicorn, the sockets and the request metrics middleware are
+moelab.infer.http_transport.
+
 The app starts answering at once and loads the model in a background thread: /health says 503
 until the engine runs, then 200. Generation requests are checked (moelab.infer.protocol), turned
 into token ids, submitted to the engine and answered whole or as server-sent events. Every error is
@@ -13,66 +19,45 @@ but /health need the header `Authorization: Bearer <key>`.
 Chat prompts use the model's chat format (moelab.infer.chat_template.chat_format): the
 tokenizer's Jinja template for imported models (or --chat-template), ChatML for moelab's own.
 
-Connections (uvicorn_server): a request must arrive within the keep-alive timeout, and beyond
-max_connections open connections a new request gets uvicorn's 503. A client that leaves before
-its request is whole is answered 499 (never sent; counted in the metrics) and logged in one line.
+A client that leaves before its request is whole is answered 499 (never sent; counted in the
+metrics) and logged in one line.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import math
-import socket
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h11
-import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from starlette.responses import JSONResponse, Response
 
 from moelab.data.tokenizer import TextTokenizer
 from moelab.infer import protocol as wire
 from moelab.infer.chat import CHAT_TEMPLATE
 from moelab.infer.chat_template import ChatFormat, ChatTemplateError, TemplateChat, chat_format
-from moelab.infer.engine import (
-    Chunk,
-    Engine,
-    EngineClosed,
-    EngineConfig,
-    EngineStats,
-    Event,
-    Failed,
-    Finished,
-    PromptLogprobs,
-    QueueFull,
-    TokenLogprob,
-)
+from moelab.infer.engine import Engine, EngineConfig, EngineStats
 from moelab.infer.engine import Request as EngineRequest
+from moelab.infer.http_transport import MetricsMiddleware
 from moelab.infer.logprobs import TokenStrings
 from moelab.infer.metrics import CONTENT_TYPE, ServerMetrics
 from moelab.infer.protocol import APIError, ChatBody, CompletionBody, bad_request
+from moelab.infer.responses import CLIENT_CLOSED_REQUEST, Shape, respond
 from moelab.model import Transformer
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the window
-DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # uvicorn's default
-DEFAULT_MAX_CONNECTIONS = 256
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; never sent, seen in logs and metrics
 
 
 @dataclass(frozen=True)
@@ -186,7 +171,7 @@ def create_app(
             state.engine.close()
 
     app = FastAPI(title="moelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.moelab = state
     app.state.metrics = metrics
     _add_error_handlers(app)
@@ -264,8 +249,8 @@ def create_app(
             prompt_logprobs=body.logprobs if body.echo else None,
         )
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts] if body.echo else None
-        shape = _Shape(chat=False, logprobs=body.logprobs is not None, echo=echo, strings=state.strings)
-        return await _respond(request, engine, metrics, body, job, shape)
+        shape = Shape(chat=False, logprobs=body.logprobs is not None, echo=echo, strings=state.strings)
+        return await respond(request, engine, metrics, body, job, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:
@@ -279,8 +264,8 @@ def create_app(
         job = _engine_request(
             body, [prompt], max_tokens, chat.stop_token_ids, logprobs=body.top_logprobs if body.logprobs else None
         )
-        shape = _Shape(chat=True, logprobs=body.logprobs, echo=None, strings=state.strings)
-        return await _respond(request, engine, metrics, body, job, shape)
+        shape = Shape(chat=True, logprobs=body.logprobs, echo=None, strings=state.strings)
+        return await respond(request, engine, metrics, body, job, shape)
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest) -> Response:
@@ -460,203 +445,7 @@ def _engine_request(
 
 
 # ---------------------------------------------------------------------------------------------
-# Responses out
-
-
-class _Subscription:
-    """One request's engine events, delivered into this event loop; counts its metrics."""
-
-    def __init__(self, engine: Engine, request: EngineRequest, metrics: ServerMetrics):
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.metrics = metrics
-        self.ended = False
-        self._last_token_at: dict[int, float] = {}
-        try:
-            self.handle = engine.submit(request, self._sink)
-        except QueueFull as exc:
-            metrics.rejected.inc()
-            raise APIError(
-                429, f"the server is busy ({exc}); retry shortly", "rate_limit_error", None, "queue_full"
-            ) from None
-        except EngineClosed:
-            raise APIError(503, "the server is shutting down", "server_error", None, "shutting_down") from None
-        metrics.prompt_tokens.inc(request.prompt_tokens)
-
-    def _sink(self, event: Event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    async def next(self) -> Event:
-        event = await self.events.get()
-        if isinstance(event, Chunk):
-            self.metrics.generation_tokens.inc()
-            previous = self._last_token_at.get(event.index)
-            if previous is not None:
-                self.metrics.time_per_output_token.observe(event.time - previous)
-            self._last_token_at[event.index] = event.time
-        elif isinstance(event, Finished):
-            self.ended = True
-            self.metrics.time_to_first_token.observe(event.first_token_s)
-            self.metrics.queue_time.observe(event.queued_s)
-        elif isinstance(event, Failed):
-            self.ended = True
-        return event
-
-    def close(self) -> None:
-        """The response is over: if the request is not, its client left; free its rows."""
-        if not self.ended:
-            self.ended = True
-            self.handle.cancel()
-            self.metrics.cancelled.inc()
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """How a response is built: chat or completion, with logprobs or not, and the prompts'
-    texts when they are echoed."""
-
-    chat: bool
-    logprobs: bool
-    echo: list[str] | None
-    strings: TokenStrings | None
-
-
-@dataclass
-class _Collected:
-    texts: list[list[str]]
-    reasons: list[str]
-    logprobs: list[list[TokenLogprob]]  # per choice, per generated token (when asked)
-    prompt_logprobs: dict[int, tuple[TokenLogprob | None, ...]]  # per prompt (when asked)
-
-
-async def _respond(
-    request: HTTPRequest, engine: Engine, metrics: ServerMetrics, body, job: EngineRequest, shape: _Shape
-) -> Response:
-    chat = shape.chat
-    sub = _Subscription(engine, job, metrics)
-    response_id, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
-    if body.stream:
-        stream = _sse(sub, job, body, response_id, created, shape)
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    collect = asyncio.ensure_future(_collect(sub, job.choices))
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not collect.done():
-            collect.cancel()
-        sub.close()
-    if not collect.done() or collect.cancelled():
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is listening
-    got, finished = collect.result()
-    use = wire.usage(finished.prompt_tokens, finished.completion_tokens)
-    texts = ["".join(t) for t in got.texts]
-    reasons = [r or "length" for r in got.reasons]  # max_tokens 0: no token, cut by the length
-    logprobs: list[dict | None] | None = None
-    if chat:
-        if shape.logprobs:
-            logprobs = [wire.chat_logprobs([shape.strings.entry(t) for t in lps]) for lps in got.logprobs]
-        return JSONResponse(wire.chat_response(response_id, created, body.model, texts, reasons, use, logprobs))
-    if shape.echo is not None:
-        texts = [shape.echo[i // job.n] + t for i, t in enumerate(texts)]
-    if shape.logprobs:
-        logprobs = []
-        for i, lps in enumerate(got.logprobs):
-            entries = [shape.strings.entry(t) for t in lps]
-            if shape.echo is not None:
-                p = i // job.n
-                entries = shape.strings.prompt_entries(job.prompts[p], got.prompt_logprobs[p]) + entries
-            logprobs.append(wire.completion_logprobs(entries))
-    return JSONResponse(wire.completion_response(response_id, created, body.model, texts, reasons, use, logprobs))
-
-
-async def _collect(sub: _Subscription, choices: int) -> tuple[_Collected, Finished]:
-    got = _Collected([[] for _ in range(choices)], [""] * choices, [[] for _ in range(choices)], {})
-    while True:
-        event = await sub.next()
-        if isinstance(event, Chunk):
-            got.texts[event.index].append(event.text)
-            if event.logprob is not None:
-                got.logprobs[event.index].append(event.logprob)
-            if event.finish_reason:
-                got.reasons[event.index] = event.finish_reason
-        elif isinstance(event, PromptLogprobs):
-            got.prompt_logprobs[event.prompt] = event.logprobs
-        elif isinstance(event, Finished):
-            return got, event
-        else:
-            raise APIError(500, event.message, "server_error", None, "generation_failed")
-
-
-async def _client_gone(request: HTTPRequest) -> None:
-    """Returns when the client disconnects (the body is read already, so the next ASGI message
-    can only be the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _sse_line(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n"
-
-
-async def _sse(
-    sub: _Subscription, job: EngineRequest, body, response_id: str, created: int, shape: _Shape
-) -> AsyncIterator[str]:
-    """Server-sent events: chunks as tokens become text (with the token's logprobs when asked,
-    also for a token whose text is held back), an optional usage chunk, then [DONE]. Starlette
-    cancels this generator when the client disconnects; `finally` frees the rows."""
-    model, chat = body.model, shape.chat
-    offsets = [0] * job.choices  # completions' text_offset: characters of token text so far
-    try:
-        if chat:
-            for index in range(job.choices):
-                yield _sse_line(
-                    wire.chat_chunk(response_id, created, model, index, {"role": "assistant", "content": ""}, None)
-                )
-        while True:
-            event = await sub.next()
-            if isinstance(event, Chunk):
-                entry = shape.strings.entry(event.logprob) if event.logprob is not None else None
-                if chat:
-                    if event.text or entry:
-                        lps = wire.chat_logprobs([entry]) if entry else None
-                        delta = {"content": event.text}
-                        yield _sse_line(wire.chat_chunk(response_id, created, model, event.index, delta, None, lps))
-                    if event.finish_reason:
-                        yield _sse_line(
-                            wire.chat_chunk(response_id, created, model, event.index, {}, event.finish_reason)
-                        )
-                elif event.text or event.finish_reason or entry:
-                    lps = None
-                    if entry:
-                        lps = wire.completion_logprobs([entry], offsets[event.index])
-                        offsets[event.index] += len(entry.token)
-                    yield _sse_line(
-                        wire.completion_chunk(
-                            response_id, created, model, event.index, event.text, event.finish_reason, lps
-                        )
-                    )
-            elif isinstance(event, PromptLogprobs):
-                continue  # echo is refused with stream
-            elif isinstance(event, Finished):
-                if body.include_usage:
-                    use = wire.usage(event.prompt_tokens, event.completion_tokens)
-                    obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield _sse_line(wire.usage_chunk(response_id, created, model, obj, use))
-                break
-            else:
-                yield _sse_line(wire.error_body(event.message, "server_error", None, "generation_failed"))
-                break
-        yield _sse_line("[DONE]")
-    finally:
-        sub.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors and metrics
+# Errors
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -697,196 +486,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: HTTPRequest, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return answer(500, f"internal server error: {type(exc).__name__}", "server_error")
-
-
-_ENDPOINTS = (
-    "/health",
-    "/metrics",
-    "/v1/models",
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/tokenize",
-    "/detokenize",
-    "/tokenizer_info",
-)
-
-
-class _MetricsMiddleware:
-    """Counts every HTTP response by endpoint and status and times it to its last byte (a plain
-    ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from streams)."""
-
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = next(
-            (e for e in _ENDPOINTS if path == e or (e == "/v1/models" and path.startswith(e + "/"))), "other"
-        )
-        status = 500
-        start = time.perf_counter()
-
-        async def send_and_watch(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on host:port (port 0: any free port); raises OSError."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class _H11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline for each request to arrive: its request line
-    and headers within timeout_keep_alive seconds (however slowly their bytes trickle in), and its
-    body with no pause longer than that. A connection that misses it is closed without an answer.
-
-    NOTE: uvicorn (0.54) arms timeout_keep_alive only after a response, so a connection that
-    never completed a request (nothing sent, half a request line, headers without their end, a
-    body cut short) stayed open for ever; no uvicorn setting bounds it. This uses that setting's
-    value, and h11 only: uvicorn would pick httptools if installed, which has the same gap."""
-
-    _request_timer: asyncio.TimerHandle | None = None
-    _awaiting: str | None = None  # "headers" or "body" while the timer runs
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._watch_request()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch_request()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch_request()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_request_timer()
-        super().connection_lost(exc)
-
-    def _watch_request(self) -> None:
-        state = self.conn.their_state
-        awaiting = None
-        if not self.transport.is_closing() and state in (h11.IDLE, h11.SEND_BODY):
-            awaiting = "headers" if state is h11.IDLE else "body"
-        if awaiting == "headers" and self._awaiting == "headers":
-            return  # bytes of the headers do not move their deadline
-        self._stop_request_timer()
-        if awaiting is not None:
-            self._awaiting = awaiting
-            self._request_timer = self.loop.call_later(self.timeout_keep_alive, self._request_timed_out)
-
-    def _stop_request_timer(self) -> None:
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-        self._request_timer, self._awaiting = None, None
-
-    def _request_timed_out(self) -> None:
-        client = "%s:%d" % self.client if self.client else "a client"
-        log.debug(
-            "closing the connection of %s: no whole request %s within %gs",
-            client,
-            self._awaiting,
-            self.timeout_keep_alive,
-        )
-        self._request_timer, self._awaiting = None, None
-        self.transport.close()
-
-
-def uvicorn_server(
-    app: FastAPI,
-    host: str,
-    port: int,
-    log_level: str = "info",
-    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
-    max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
-) -> uvicorn.Server:
-    """A uvicorn server for the app; run it with server.run(sockets=[bind(host, port)]).
-
-    timeout_keep_alive: seconds a connection may wait for its next request, and the deadline for
-    a request to arrive (_H11Protocol). max_connections: open connections served; with more, a
-    new request gets uvicorn's 503 (None: no limit). Raises ValueError for values out of range."""
-    if not (math.isfinite(timeout_keep_alive) and timeout_keep_alive > 0):
-        raise ValueError(f"timeout_keep_alive = {timeout_keep_alive} is not allowed: a number of seconds > 0")
-    if max_connections is not None and max_connections < 1:
-        raise ValueError(f"max_connections = {max_connections} is not allowed: an integer >= 1")
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        http=_H11Protocol,
-        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # uvicorn says int; call_later takes a float
-        # NOTE: uvicorn answers 503 once the open connections, the new one included, reach
-        # limit_concurrency: N + 1 serves N
-        limit_concurrency=None if max_connections is None else max_connections + 1,
-        timeout_graceful_shutdown=5,
-    )
-    return uvicorn.Server(config)
-
-
-class BackgroundServer:
-    """The app served by uvicorn on a thread, on a free localhost port (tests and benchmarks)."""
-
-    def __init__(
-        self,
-        app: FastAPI,
-        host: str = "127.0.0.1",
-        log_level: str = "warning",
-        timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S,
-        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
-    ):
-        self.sock = bind(host, 0)
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.server = uvicorn_server(app, host, self.port, log_level, timeout_keep_alive, max_connections)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="moelab-uvicorn", daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
