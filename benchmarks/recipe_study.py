@@ -264,15 +264,41 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
                 continue
             val, _ = _curve(run)
             localisation.append({"run": arm_name, "val_before": val[before], "val_final": val[end]})
+    by_run = {r["run"]: r for r in localisation}
+    for r in localisation:  # what the decay itself bought: the gain beyond the same arm's run without decay
+        plain = by_run.get("dense-no-decay" if r["run"].startswith("dense") else "no-decay")
+        r["gain"] = r["val_before"] - r["val_final"]
+        r["gain_beyond_no_decay"] = None if plain is None else plain["val_final"] - r["val_final"]
     if localisation:
-        print("\n| run (seed 0) | what decays | val before decay | final | gain through the decay phase |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "\n| run (seed 0) | what decays | val before decay | final | gain, step 600 to 800 | of it, beyond no decay |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
         for r in localisation:
             what = FACTORS[r["run"]][0] if r["run"] in FACTORS else r["run"]
+            beyond = "" if r["gain_beyond_no_decay"] is None else f"{r['gain_beyond_no_decay']:.4f}"
             print(
-                f"| {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | "
-                f"{r['val_before'] - r['val_final']:.4f} |"
+                f"| {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | {r['gain']:.4f} | {beyond} |"
             )
+    no_decay = []  # seeds with both arms trained without decay: the gain at a constant learning rate
+    for seed in range(100):
+        runs = [run_dir(out, name, seed) for name in ("no-decay", "dense-no-decay")]
+        if any(RunDir(run).read_summary() is None for run in runs):
+            break
+        gains = []
+        for run in runs:
+            val, _ = _curve(run)
+            gains.append(val[before] - val[end])
+        no_decay.append({"seed": seed, "moe_gain": gains[0], "dense_gain": gains[1]})
+    if len(no_decay) > 1:
+        diff = mean_interval([r["moe_gain"] - r["dense_gain"] for r in no_decay])
+        print(
+            f"\nwithout decay, step {before} to {end}, {len(no_decay)} seeds: MoE gains "
+            + ", ".join(f"{r['moe_gain']:.4f}" for r in no_decay)
+            + "; dense "
+            + ", ".join(f"{r['dense_gain']:.4f}" for r in no_decay)
+            + f"; MoE - dense {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}]"
+        )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -285,6 +311,7 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
             "paired": paired,
             "gap_curve": gap_curve,
             "localisation": localisation,
+            "no_decay_seeds": no_decay,
         }
         json_path.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {json_path}")
