@@ -63,7 +63,9 @@ def test_kernel_matches_float64_reference(kwargs, D) -> None:
     gen = torch.Generator().manual_seed(21)
     moe = biased(make_moe(D, seed=3, **kwargs), gen)
     ref64 = copy.deepcopy(moe).double()
-    for T in (1, 3):
+    # 11 tokens: experts with several tokens, even and odd numbers of them (the kernel takes
+    # tokens two at a time where the CPU has 32 vector registers)
+    for T in (1, 3, 11):
         x = fresh_tokens(moe, T, D, gen)
         y, expert_TK, weight_TK = moe_decode.moe_decode(x, *layer_weights(moe), return_routing=True, **routing_of(moe))
         y_ref, slots, _, _ = moe_reference(ref64, x.double())

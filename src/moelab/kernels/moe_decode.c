@@ -69,8 +69,8 @@ static inline void hsum8(const v16 a[8], float y[8]) {
 /* Y[m, n] = W[n, :] . X[m][:] for M vectors X[m] of length D and W [N, D] row-major; Y has row
  * stride ldy. ROWS rows of W at a time, each with its own accumulator (independent FMA chains),
  * and each block of rows (ROWS * D floats) applied to all M vectors while it is in L1, so W is
- * read from memory once whatever M. */
-static void gemm_nt(const float *restrict W, int64_t N, int64_t D, const float *const *X, int64_t M,
+ * read from memory once whatever M. One vector at a time: each load of W feeds one FMA. */
+static void gemm_nt_each(const float *restrict W, int64_t N, int64_t D, const float *const *X, int64_t M,
                     float *restrict Y, int64_t ldy) {
     const int64_t Dv = D - D % 16;
     int64_t n = 0;
@@ -103,6 +103,59 @@ static void gemm_nt(const float *restrict W, int64_t N, int64_t D, const float *
             Y[m * ldy + n] = s;
         }
     }
+}
+
+
+#if defined(__AVX512F__)
+/* gemm_nt_each for M >= 2 with two vectors sharing each load of W (2 x ROWS accumulators: 16 of
+ * the 32 vector registers): one load of W per FMA left the loop bound by loads, not FMAs, when a
+ * prefill gives an expert several tokens. Each output is the same sum in the same order as
+ * gemm_nt_each's. (Without AVX-512, 16 registers: the accumulators would spill.) */
+static void gemm_nt_pairs(const float *restrict W, int64_t N, int64_t D, const float *const *X, int64_t M,
+                          float *restrict Y, int64_t ldy) {
+    const int64_t Dv = D - D % 16, N8 = N - N % ROWS, M2 = M - M % 2;
+    for (int64_t n = 0; n < N8; n += ROWS) {
+        const float *Wn = W + n * D;
+        for (int64_t m = 0; m < M2; m += 2) {
+            const float *restrict x0 = X[m], *restrict x1 = X[m + 1];
+            v16 acc0[ROWS] = {{0.f}}, acc1[ROWS] = {{0.f}};
+            for (int64_t c = 0; c < Dv; c += 16) {
+                v16 xv0 = *(const v16 *)(x0 + c), xv1 = *(const v16 *)(x1 + c);
+                for (int r = 0; r < ROWS; r++) {
+                    v16 w = *(const v16 *)(Wn + r * D + c);
+                    acc0[r] += w * xv0;
+                    acc1[r] += w * xv1;
+                }
+            }
+            float s0[ROWS], s1[ROWS];
+            hsum8(acc0, s0);
+            hsum8(acc1, s1);
+            for (int r = 0; r < ROWS; r++) {
+                for (int64_t c = Dv; c < D; c++) {
+                    s0[r] += Wn[r * D + c] * x0[c];
+                    s1[r] += Wn[r * D + c] * x1[c];
+                }
+                Y[m * ldy + n + r] = s0[r];
+                Y[(m + 1) * ldy + n + r] = s1[r];
+            }
+        }
+    }
+    /* the rows beyond the last block of ROWS, and the odd last vector: one vector at a time */
+    if (N8 < N) gemm_nt_each(W + N8 * D, N - N8, D, X, M2, Y + N8, ldy);
+    if (M2 < M) gemm_nt_each(W, N, D, X + M2, 1, Y + M2 * ldy, ldy);
+}
+#endif
+
+/* Y[m, n] = W[n, :] . X[m][:] (gemm_nt_each), two vectors at a time where the registers allow. */
+static inline void gemm_nt(const float *restrict W, int64_t N, int64_t D, const float *const *X, int64_t M,
+                           float *restrict Y, int64_t ldy) {
+#if defined(__AVX512F__)
+    if (M >= 2) {
+        gemm_nt_pairs(W, N, D, X, M, Y, ldy);
+        return;
+    }
+#endif
+    gemm_nt_each(W, N, D, X, M, Y, ldy);
 }
 
 static inline float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
