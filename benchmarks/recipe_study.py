@@ -280,25 +280,34 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
             print(
                 f"| {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | {r['gain']:.4f} | {beyond} |"
             )
-    no_decay = []  # seeds with both arms trained without decay: the gain at a constant learning rate
+    no_decay = []  # seeds with both arms trained with and without the decay
     for seed in range(100):
-        runs = [run_dir(out, name, seed) for name in ("no-decay", "dense-no-decay")]
+        names = ("no-decay", "dense-no-decay", "default", "dense")
+        runs = [run_dir(out, name, seed) for name in names]
         if any(RunDir(run).read_summary() is None for run in runs):
             break
-        gains = []
-        for run in runs:
+        gains = {}
+        for name, run in zip(names, runs):
             val, _ = _curve(run)
-            gains.append(val[before] - val[end])
-        no_decay.append({"seed": seed, "moe_gain": gains[0], "dense_gain": gains[1]})
-    if len(no_decay) > 1:
-        diff = mean_interval([r["moe_gain"] - r["dense_gain"] for r in no_decay])
-        print(
-            f"\nwithout decay, step {before} to {end}, {len(no_decay)} seeds: MoE gains "
-            + ", ".join(f"{r['moe_gain']:.4f}" for r in no_decay)
-            + "; dense "
-            + ", ".join(f"{r['dense_gain']:.4f}" for r in no_decay)
-            + f"; MoE - dense {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}]"
+            gains[name] = val[before] - val[end]
+        no_decay.append(
+            {
+                "seed": seed,
+                "moe_gain_no_decay": gains["no-decay"],
+                "dense_gain_no_decay": gains["dense-no-decay"],
+                "moe_gain_of_the_decay": gains["default"] - gains["no-decay"],
+                "dense_gain_of_the_decay": gains["dense"] - gains["dense-no-decay"],
+            }
         )
+    if no_decay:
+        print(f"\nper seed, step {before} to {end}: gain without decay, and what the decay adds to it")
+        print("| seed | MoE, no decay | dense, no decay | MoE: the decay's own gain | dense: the decay's own gain |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in no_decay:
+            print(
+                f"| {r['seed']} | {r['moe_gain_no_decay']:.4f} | {r['dense_gain_no_decay']:.4f} | "
+                f"{r['moe_gain_of_the_decay']:.4f} | {r['dense_gain_of_the_decay']:.4f} |"
+            )
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {

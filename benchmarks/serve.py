@@ -12,8 +12,8 @@ tokens/s over the whole run, time to first token (p50, p99) and time per output 
 between consecutive tokens of a request, p50, p99). Rounds interleave the models and the median
 round is kept, so the ratios compare like with like on a busy machine.
 
-Also reported: decode throughput at batch 1 measured on the model alone (one token per forward,
-median of the per-round MoE / dense ratios of interleaved rounds), and a diagnostic of what one MoE layer pays at batch 1 for the
+Also reported: decode throughput at batch 1 and the prefill time of one prompt, measured on the
+model alone (median of the per-round MoE / dense ratios of interleaved rounds), and a diagnostic of what one MoE layer pays at batch 1 for the
 experts no token chose.
 
     python benchmarks/serve.py [--concurrency 1,4,16] [--requests 2] [--rounds 3] [--threads 1] [--http]
@@ -234,6 +234,25 @@ def decode_step_s(model: Transformer, context: int, steps: int) -> float:
 
 
 @torch.inference_mode()
+def prefill_s(model: Transformer, prompt_tokens: int, repeats: int) -> float:
+    """Mean seconds for the prefill of one prompt at batch 1: a forward of `prompt_tokens` fresh
+    random tokens into an empty KV cache and the first token's choice, as the engine starts a
+    request (on CUDA in bf16 autocast with a bf16 cache)."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    cache = KVCache(model.cfg, 1, model.cfg.max_seq_len, device, torch.bfloat16 if cuda else torch.float32)
+    prompts = torch.randint(0, model.cfg.vocab_size, (repeats, 1, prompt_tokens), device=device)
+    with autocast:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for prompt in prompts:  # each prompt overwrites the cache's first positions, as a fresh row would
+            model(prompt, cache=cache).logits[:, -1].argmax(-1).tolist()
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.inference_mode()
 def unchosen_expert_diagnostic(moe_model: Transformer, dense_model: Transformer, repeats: int = 300) -> dict:
     """At one token, caches warm: the MoE layer as decoding runs it (the moe_decode kernel on the CPU)
     and on its PyTorch path, against the dense FFN of the same active compute; the PyTorch
@@ -405,6 +424,7 @@ def main() -> None:
     # Decode at batch 1 on the model alone, interleaved rounds, on a worker thread like the engine's
     # (the main thread's OpenMP team behaves differently, see docs/serving.md).
     steps = {name: [] for name in models}
+    prefills = {name: [] for name in models}
 
     # NOTE: 128 steps per round (or what the context allows). The first 4 steps after switching
     # models run on the other model's caches (measured 9% slower for the MoE, 4.5% for the dense
@@ -415,6 +435,7 @@ def main() -> None:
         for _ in range(max(args.rounds, 3) * 4):
             for name, model in models.items():
                 steps[name].append(decode_step_s(model, args.prompt_tokens, decode_steps))
+                prefills[name].append(prefill_s(model, args.prompt_tokens, 16))
         if args.device == "cpu":  # the diagnostic calls the fp32 CPU grouped_mm directly
             results["unchosen_experts"] = unchosen_expert_diagnostic(models["moe"], models["dense-active"])
 
@@ -449,10 +470,16 @@ def main() -> None:
     ratio_active = statistics.median(paired["dense-active"])
     ratio_total = statistics.median(paired["dense-total"])
     results["decode_batch1_paired_ratios"] = paired
+    # prefill: MoE time / dense time per round (above 1: the MoE is slower)
+    prefill_paired = sorted(a / b for a, b in zip(prefills["moe"], prefills["dense-active"]))
+    prefill_ratio = statistics.median(prefill_paired)
+    results["prefill_s"] = {name: statistics.median(v) for name, v in prefills.items()}
+    results["prefill_paired_time_ratios"] = prefill_paired
     results["targets"] = {
         f"moe_throughput_c{hi}_over_c{lo}": scaling["moe"],
         "moe_decode_b1_over_dense_active": ratio_active,
         "moe_decode_b1_over_dense_total": ratio_total,
+        "moe_prefill_time_over_dense_active": prefill_ratio,
     }
     print(
         f"\nthroughput at concurrency {hi} / {lo}: "
@@ -466,6 +493,12 @@ def main() -> None:
         f"(range {spread[0]:.2f}-{spread[-1]:.2f})   (target >= 0.95x)"
     )
     print(f"MoE / dense-total (same total parameters): {ratio_total:.2f}x")
+    print(
+        f"prefill of a {args.prompt_tokens}-token prompt, model alone: "
+        + ", ".join(f"{n} {v * 1e3:.2f} ms" for n, v in results["prefill_s"].items())
+        + f"; MoE / dense-active time {prefill_ratio:.2f}x, median of {len(prefill_paired)} paired rounds "
+        f"(range {prefill_paired[0]:.2f}-{prefill_paired[-1]:.2f})   (target <= 1.2x)"
+    )
     d = results.get("unchosen_experts")
     if d:
         print(
