@@ -11,10 +11,13 @@ buffers), measured in a fresh subprocess per implementation.
 
 The training section times whole optimizer steps (forward, backward, AdamW) of the default preset
 (small-moe) and its dense twin (small-dense) on one batch of the preset's shape, interleaved, and
-reports tokens/s; `small-moe (grouped_mm)` is the same model with the one-shot dispatch that the
-chunked CPU path replaced.
+reports tokens/s, against small-dense (FFN hidden 512) and against the dense twin `moelab compare`
+derives (hidden 533: the router's FLOPs matched), once per --train-threads count;
+`small-moe (grouped_mm)` is the same model with the one-shot dispatch that the chunked CPU path
+replaced.
 
-    python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--train-steps 5] [--out benchmarks/results/moe_layer.json]
+    python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--train-steps 5] [--train-threads 1,2]
+                                   [--configs coarse,fine] [--out benchmarks/results/moe_layer.json]
 """
 
 from __future__ import annotations
@@ -157,8 +160,11 @@ def peak_memory(impl: str, config: str, tokens: int) -> int | None:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+# preset "@twin": the dense twin `moelab compare` derives from small-moe (FFN hidden 533, so that the
+# router's FLOPs are matched too); small-dense is the preset with FFN hidden 512
 TRAIN_ARMS = {
     "small-dense": ("small-dense", None),
+    "compare's dense twin": ("@twin", None),
     "small-moe": ("small-moe", "auto"),
     "small-moe (grouped_mm)": ("small-moe", "grouped_mm"),
 }
@@ -170,7 +176,12 @@ def train_throughput(steps: int, rounds: int) -> dict:
     arms = {}
     for name, (preset, matmul) in TRAIN_ARMS.items():
         # the tokenizer sets model.vocab_size when a run starts; here the data section's size stands in
-        cfg = load_config(preset=preset, overrides=[f"model.vocab_size={load_config(preset=preset).data.vocab_size}"])
+        base = "small-moe" if preset == "@twin" else preset
+        cfg = load_config(preset=base, overrides=[f"model.vocab_size={load_config(preset=base).data.vocab_size}"])
+        if preset == "@twin":
+            from moelab.analysis.compare import dense_twin
+
+            cfg = dense_twin(cfg)
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         if matmul is not None:
@@ -212,12 +223,23 @@ def main() -> None:
     ap.add_argument(
         "--train-steps", type=int, default=3, help="optimizer steps per round in the training section (0: skip it)"
     )
+    ap.add_argument(
+        "--train-threads",
+        default=str(torch.get_num_threads()),
+        help="comma-separated torch thread counts for the training section (default: torch's)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child_memory(args.child[0], args.child[1], args.tokens)
         return
+    try:
+        train_threads = [int(t) for t in args.train_threads.split(",")]
+    except ValueError:
+        ap.error(f"--train-threads must be comma-separated integers, got {args.train_threads!r}")
+    if any(t < 1 for t in train_threads):
+        ap.error("--train-threads must be >= 1")
     results = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -270,14 +292,22 @@ def main() -> None:
                 f"{name:24s} {r['forward_s'] * 1e3:8.1f} {r['forward_ratio']:7.2f} {r['forward_backward_s'] * 1e3:8.1f} {r['forward_backward_ratio']:7.2f} {mem:>9s}"
             )
     if args.train_steps > 0:
-        rows = train_throughput(args.train_steps, args.rounds)
-        results["train"] = rows
-        print(
-            f"\ntraining: optimizer steps of the default preset and its dense twin, {args.train_steps} steps per round"
-        )
-        print(f"{'arm':24s} {'tokens/s':>9s} {'step ms':>8s} {'vs dense':>9s}")
-        for name, r in rows.items():
-            print(f"{name:24s} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} {r['ratio_to_dense']:9.2f}")
+        results["train"] = {}
+        for threads in train_threads:
+            torch.set_num_threads(threads)
+            rows = train_throughput(args.train_steps, args.rounds)
+            results["train"][str(threads)] = rows
+            print(
+                f"\ntraining, {threads} thread(s): optimizer steps of the default preset and its dense twins, "
+                f"{args.train_steps} steps per round"
+            )
+            print(f"{'arm':24s} {'tokens/s':>9s} {'step ms':>8s} {'vs small-dense':>15s} {'vs twin':>8s}")
+            twin = rows["compare's dense twin"]["tokens_per_s"]
+            for name, r in rows.items():
+                print(
+                    f"{name:24s} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} {r['ratio_to_dense']:15.2f} "
+                    f"{r['tokens_per_s'] / twin:8.2f}"
+                )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
