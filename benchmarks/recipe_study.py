@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moelab.analysis.runs import train_or_reuse  # noqa: E402
 from moelab.config import load_config  # noqa: E402
 from moelab.rundir import RunDir  # noqa: E402
+from moelab.train.schedule import decay_start  # noqa: E402
 
 # The flip's recipe (docs/recipe.md): the default tokens (3,276,800 = 16 x 256 x 800), WSD.
 BASE = [
@@ -114,8 +115,6 @@ def final_loss(run: Path) -> tuple[float | None, float | None]:
 
 def decay_gain(run: Path, cfg) -> float | None:
     """Validation loss just before the WSD decay minus the final one: what the decay phase bought."""
-    from moelab.train.schedule import decay_start
-
     # the base recipe's decay start, also for a variant without a decay (what it gained meanwhile)
     start = decay_start(cfg.train) or decay_start(factor_config("default").train)
     rows = [r for r in RunDir(run).read_metrics() if "val_loss" in r]
@@ -195,7 +194,7 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
     from moelab.analysis.intervals import mean_interval
 
     base_cfg = factor_config("default")
-    start = decay_start_of(base_cfg)
+    start = decay_start(base_cfg.train)
     before = max(s for s in _curve(out / "default")[0] if s <= start)  # the last evaluation before the decay
     end = base_cfg.train.max_steps
     per_arm: dict[str, list[dict]] = {}
@@ -324,12 +323,6 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
         }
         json_path.write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {json_path}")
-
-
-def decay_start_of(cfg) -> int:
-    from moelab.train.schedule import decay_start
-
-    return decay_start(cfg.train)
 
 
 def confirm(factors: list[str]) -> None:

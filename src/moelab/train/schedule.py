@@ -15,18 +15,16 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     lr * min_lr_ratio, or warmup-stable-decay (constant, then linear decay over the last
     decay_fraction of the steps), or constant."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
+    if (cfg.warmup_steps and step < cfg.warmup_steps) or cfg.schedule == "constant":
+        return undecayed_learning_rate(step, cfg)
     total = max(cfg.max_steps, cfg.warmup_steps + 1)
     if cfg.schedule == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
         return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    decay_start = total - max(1, round(cfg.decay_fraction * total))
-    if step < decay_start:
+    start = decay_start(cfg)
+    if step < start:
         return peak
-    progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    progress = min(1.0, (step - start + 1) / max(1, total - start))
     return peak + (floor - peak) * progress
 
 
