@@ -92,6 +92,15 @@ def test_resume_refuses_model_changes(capsys, tiny_run) -> None:
     assert_usage_error(code, err, "model.d_model", "train.*")
 
 
+def test_resume_refuses_another_decay_scope(capsys, tiny_run) -> None:
+    """The scope sets the optimizer's parameter groups; the resumed optimizer state would keep the
+    saved ones, silently ignoring the new scope."""
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+    code, _, err = run_cli(capsys, "train", "--out", str(tiny_run), "--resume", "--set", "train.decay_scope=ffn")
+    assert_usage_error(code, err, "train.decay_scope=ffn", "'all'")
+    assert {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")} == before
+
+
 def test_jsonl_without_the_field(capsys, tmp_path) -> None:
     data = tmp_path / "docs.jsonl"
     data.write_text('{"text": "hello"}\n{"body": "no text field"}\n')

@@ -58,7 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if overrides:
             from moelab.config import apply_overrides, build_config
 
+            saved_scope = cfg.train.decay_scope
             cfg = build_config(apply_overrides(cfg.to_dict(), overrides))
+            if cfg.train.decay_scope != saved_scope:
+                # NOTE: the scope decides the optimizer's parameter groups, which the checkpoint's
+                # optimizer state restores as they were saved
+                raise MoelabError(
+                    f"--set train.decay_scope={cfg.train.decay_scope} cannot change a resumed run: it started with "
+                    f"{saved_scope!r}, and the optimizer state it resumes keeps that scope's parameter groups"
+                )
     else:
         cfg = resolve_config(args)
         resume = False
