@@ -5,17 +5,21 @@ the same random weights of each shape (the small-moe preset's layer, and its coa
 each token count T every round times both once, alternating which goes first, with one thread
 (as `moelab serve` runs). Outputs must be bitwise equal (the change is a speed change) or the
 script stops. Reported: per T, the median time of each and the median of the per-round ratios
-new / baseline, with the weights hot in the caches (the layer called repeatedly).
+new / baseline, per layer, for each --layers count L: L layers of distinct weights called in turn,
+as a model's forward calls them. L = 1 keeps one layer's weights hot in the caches; at L = 4 (the
+preset's depth) the small-moe layers' 25 MB of experts exceed what the caches keep, so each call
+reads its weights from memory, as a prefill inside the model does.
 
     git show HEAD~1:src/moelab/kernels/moe_decode.c > /tmp/base.c
     python benchmarks/moe_decode_ab.py /tmp/base.c [--new src/moelab/kernels/moe_decode.c]
-        [--tokens 1,4,8,16,32,64,128] [--rounds 7] [--out benchmarks/results/moe_decode_ab.json]
+        [--tokens 1,4,8,16,32,64,128] [--layers 1,4] [--rounds 7] [--out benchmarks/results/moe_decode_ab.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import statistics
 import subprocess
@@ -56,13 +60,15 @@ def layer_weights(D: int, E: int, k: int, I: int, Hs: int, gen: torch.Generator)
     return (rnd(E, D, scale=0.1), None, rnd(E, 2 * I, D), rnd(E, D, I), *shared, None)
 
 
-def median_us(kernel, x: torch.Tensor, calls: int) -> float:
+def median_us(layers: list, x: torch.Tensor, calls: int) -> float:
+    """Median microseconds per layer of one pass over `layers` (kernels bound to distinct weights)."""
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        kernel(x)
+        for kernel in layers:
+            kernel(x)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6 / len(layers)
 
 
 def main() -> None:
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("baseline", type=Path, help="the baseline moe_decode.c")
     ap.add_argument("--new", type=Path, default=Path(build.SOURCE_DIR) / "moe_decode.c")
     ap.add_argument("--tokens", default="1,4,8,16,32,64,128")
+    ap.add_argument("--layers", default="1,4", help="comma-separated layer counts (distinct weights, called in turn)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=100, help="calls per timing (median kept)")
     ap.add_argument("--out", default="benchmarks/results/moe_decode_ab.json")
@@ -79,22 +86,24 @@ def main() -> None:
             ap.error(f"{path} is not a file")
     try:
         tokens = [int(t) for t in args.tokens.split(",")]
+        layer_counts = [int(n) for n in args.layers.split(",")]
     except ValueError:
-        ap.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
-    if any(t < 1 for t in tokens) or args.rounds < 1 or args.calls < 1:
-        ap.error("--tokens, --rounds and --calls must be >= 1")
+        ap.error(f"--tokens and --layers must be comma-separated integers, got {args.tokens!r} and {args.layers!r}")
+    if any(t < 1 for t in tokens + layer_counts) or args.rounds < 1 or args.calls < 1:
+        ap.error("--tokens, --layers, --rounds and --calls must be >= 1")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         fns = {"baseline": compile_kernel(args.baseline, Path(tmp)), "new": compile_kernel(args.new, Path(tmp))}
         rows = []
-        for shape, (D, E, k, I, Hs) in SHAPES.items():
-            weights = layer_weights(D, E, k, I, Hs, torch.Generator().manual_seed(0))
+        for (shape, (D, E, k, I, Hs)), L in itertools.product(SHAPES.items(), layer_counts):
+            weights = [layer_weights(D, E, k, I, Hs, torch.Generator().manual_seed(layer)) for layer in range(L)]
             kernels = {
-                n: moe_decode.MoEDecodeKernel(fn, weights, k, "softmax", True, float(k)) for n, fn in fns.items()
+                n: [moe_decode.MoEDecodeKernel(fn, w, k, "softmax", True, float(k)) for w in weights]
+                for n, fn in fns.items()
             }
             for T in tokens:
                 x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
-                if not torch.equal(kernels["baseline"](x), kernels["new"](x)):
+                if not all(torch.equal(b(x), n(x)) for b, n in zip(kernels["baseline"], kernels["new"])):
                     raise SystemExit(f"moe_decode_ab.py: error: outputs differ at {shape}, T={T}")
                 times = {"baseline": [], "new": []}
                 for r in range(args.rounds):
@@ -103,6 +112,7 @@ def main() -> None:
                 ratios = [n / b for n, b in zip(times["new"], times["baseline"])]
                 row = {
                     "shape": shape,
+                    "layers": L,
                     "tokens": T,
                     "baseline_us": statistics.median(times["baseline"]),
                     "new_us": statistics.median(times["new"]),
@@ -111,7 +121,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"{shape:17s} T={T:4d}  baseline {row['baseline_us']:9.1f} us  new {row['new_us']:9.1f} us  "
+                    f"{shape:17s} L={L} T={T:4d}  baseline {row['baseline_us']:9.1f} us  new {row['new_us']:9.1f} us  "
                     f"new/baseline {row['new_over_baseline']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})"
                 )
     out = Path(args.out)

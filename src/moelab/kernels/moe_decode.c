@@ -66,6 +66,20 @@ static inline void hsum8(const v16 a[8], float y[8]) {
     for (int r = 0; r < 8; r++) y[r] = z[r];
 }
 
+/* Ask for the block of ROWS rows PREFETCH_BLOCKS blocks after Wn, one request per cache line (every
+ * other line lost the gain). A prefill gives most experts a few tokens each, so it reads nearly all
+ * expert weights (25 MB in the default preset's four layers, more than the caches keep), and the
+ * hardware prefetcher alone left the kernel waiting on memory. Past the end of W this asks for the
+ * next expert's weights, usually the next ones read; a prefetch never faults. Only the paired path
+ * (experts with two or more tokens) prefetches: at decode the requests cost more than they saved.
+ * Measured: docs/architecture.md, Measured choices. */
+#define PREFETCH_BLOCKS 2
+static inline void prefetch_block(const float *Wn, int64_t D) {
+    const char *p = (const char *)(Wn + PREFETCH_BLOCKS * ROWS * D);
+    const int64_t bytes = ROWS * D * (int64_t)sizeof(float);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 /* Y[m, n] = W[n, :] . X[m][:] for M vectors X[m] of length D and W [N, D] row-major; Y has row
  * stride ldy. ROWS rows of W at a time, each with its own accumulator (independent FMA chains),
  * and each block of rows (ROWS * D floats) applied to all M vectors while it is in L1, so W is
@@ -116,6 +130,7 @@ static void gemm_nt_pairs(const float *restrict W, int64_t N, int64_t D, const f
     const int64_t Dv = D - D % 16, N8 = N - N % ROWS, M2 = M - M % 2;
     for (int64_t n = 0; n < N8; n += ROWS) {
         const float *Wn = W + n * D;
+        prefetch_block(Wn, D);
         for (int64_t m = 0; m < M2; m += 2) {
             const float *restrict x0 = X[m], *restrict x1 = X[m + 1];
             v16 acc0[ROWS] = {{0.f}}, acc1[ROWS] = {{0.f}};
