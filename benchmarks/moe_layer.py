@@ -14,7 +14,10 @@ The training section times whole optimizer steps (forward, backward, AdamW) of t
 reports tokens/s, against small-dense (FFN hidden 512) and against the dense twin `moelab compare`
 derives (hidden 533: the router's FLOPs matched), once per --train-threads count;
 `small-moe (grouped_mm)` is the same model with the one-shot dispatch that the chunked CPU path
-replaced.
+replaced. Before it, per thread count, one layer of the default preset at its training shape (T =
+32 x 256 tokens, D = 128, train mode with autograd recording) taken apart: the router with its
+dispatch plan, the routed experts, the shared expert, the whole layer (with the routing statistics
+and losses) forward and forward+backward, against small-dense's FFN.
 
     python benchmarks/moe_layer.py [--rounds 7] [--tokens 4096] [--train-steps 5] [--train-threads 1,2]
                                    [--configs coarse,fine] [--out benchmarks/results/moe_layer.json]
@@ -170,6 +173,47 @@ TRAIN_ARMS = {
 }
 
 
+def layer_breakdown(rounds: int) -> dict:
+    """Milliseconds (median of interleaved rounds) of one small-moe layer's parts and of small-dense's
+    FFN at the preset's training shape, in train mode with autograd recording, as a training step
+    runs them."""
+    layers = {}
+    for preset in ("small-moe", "small-dense"):
+        cfg = load_config(preset=preset, overrides=[f"model.vocab_size={load_config(preset=preset).data.vocab_size}"])
+        torch.manual_seed(0)
+        layers[preset] = Transformer(cfg.model).blocks[0].ffn.train()
+        T = cfg.train.batch_size * cfg.data.seq_len
+    moe, dense = layers["small-moe"], layers["small-dense"]
+    D = moe.router.weight.shape[1]
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    grad_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(8))
+    plan = moe.router(x_TD).plan
+
+    def whole(module) -> None:
+        out = module(x_TD[None])
+        (first(out)[0] * grad_TD).sum().add(out[1] if isinstance(out, tuple) else 0).backward()
+        module.zero_grad(set_to_none=True)
+        x_TD.grad = None
+
+    parts = {
+        "dense FFN forward": lambda: dense(x_TD[None]),
+        "dense FFN forward+backward": lambda: whole(dense),
+        "MoE router and plan": lambda: moe.router(x_TD),
+        "MoE routed experts": lambda: moe.experts(x_TD, plan),
+        "MoE shared expert": lambda: moe.shared(x_TD),
+        "MoE layer forward": lambda: moe(x_TD[None]),
+        "MoE layer forward+backward": lambda: whole(moe),
+    }
+    times = {name: [] for name in parts}
+    for fn in parts.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            times[name].append(time_round(fn))
+    moe.reset_stats()
+    return {name: sorted(v)[len(v) // 2] * 1e3 for name, v in times.items()}
+
+
 def train_throughput(steps: int, rounds: int) -> dict:
     """Optimizer steps per arm on a fixed random batch of the preset's shape: tokens/s per arm (the
     median over interleaved rounds of `steps` steps each) and the ratio to the dense twin."""
@@ -295,6 +339,13 @@ def main() -> None:
         results["train"] = {}
         for threads in train_threads:
             torch.set_num_threads(threads)
+            parts = layer_breakdown(args.rounds)
+            results.setdefault("layer_breakdown", {})[str(threads)] = parts
+            print(f"\none layer of the default preset at its training shape, {threads} thread(s), median ms")
+            dense_fwd, dense_fb = parts["dense FFN forward"], parts["dense FFN forward+backward"]
+            for name, ms in parts.items():
+                reference = dense_fb if name.endswith("backward") else dense_fwd
+                print(f"{name:28s} {ms:8.1f} ms  {ms / reference:5.2f}x the dense FFN's")
             rows = train_throughput(args.train_steps, args.rounds)
             results["train"][str(threads)] = rows
             print(
