@@ -70,14 +70,15 @@ static inline void hsum8(const v16 a[8], float y[8]) {
  * other line lost the gain). A prefill gives most experts a few tokens each, so it reads nearly all
  * expert weights (25 MB in the default preset's four layers, more than the caches keep), and the
  * hardware prefetcher alone left the kernel waiting on memory. Past the end of W this asks for the
- * next expert's weights, usually the next ones read; a prefetch never faults. Only the paired path
+ * next expert's weights, usually the next ones read; a prefetch never faults (the address is
+ * computed as an integer: pointer arithmetic past an array's end is undefined). Only the paired path
  * (experts with two or more tokens) prefetches: at decode the requests cost more than they saved.
  * Measured: docs/architecture.md, Measured choices. */
 #define PREFETCH_BLOCKS 2
 static inline void prefetch_block(const float *Wn, int64_t D) {
-    const char *p = (const char *)(Wn + PREFETCH_BLOCKS * ROWS * D);
     const int64_t bytes = ROWS * D * (int64_t)sizeof(float);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+    const uintptr_t ahead = (uintptr_t)Wn + (uintptr_t)(PREFETCH_BLOCKS * bytes);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const void *)(ahead + (uintptr_t)b), 0, 3);
 }
 
 /* Y[m, n] = W[n, :] . X[m][:] for M vectors X[m] of length D and W [N, D] row-major; Y has row
