@@ -255,29 +255,34 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
             print(
                 f"| {step} | {sum(moe) / n:.4f} | {sum(dense) / n:.4f} | {diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}] |"
             )
-    localisation = []
-    for name in ("default", "decay-ffn-only", "decay-rest-only", "no-decay"):
-        for arm_name in (name, "dense" if name == "default" else f"dense-{name}"):
-            run = out / arm_name
-            if RunDir(run).read_summary() is None:
-                continue
-            val, _ = _curve(run)
-            localisation.append({"run": arm_name, "val_before": val[before], "val_final": val[end]})
-    by_run = {r["run"]: r for r in localisation}
+    localisation = []  # every seed that has a run of the decay-scope factors
+    scope_names = ("decay-ffn-only", "decay-rest-only", "dense-decay-ffn-only", "dense-decay-rest-only")
+    for seed in range(100):
+        if not any(RunDir(run_dir(out, name, seed)).read_summary() is not None for name in scope_names):
+            continue
+        for name in ("default", "decay-ffn-only", "decay-rest-only", "no-decay"):
+            for arm_name in (name, "dense" if name == "default" else f"dense-{name}"):
+                run = run_dir(out, arm_name, seed)
+                if RunDir(run).read_summary() is None:
+                    continue
+                val, _ = _curve(run)
+                localisation.append({"seed": seed, "run": arm_name, "val_before": val[before], "val_final": val[end]})
+    by_run = {(r["seed"], r["run"]): r for r in localisation}
     for r in localisation:  # what the decay itself bought: the gain beyond the same arm's run without decay
-        plain = by_run.get("dense-no-decay" if r["run"].startswith("dense") else "no-decay")
+        plain = by_run.get((r["seed"], "dense-no-decay" if r["run"].startswith("dense") else "no-decay"))
         r["gain"] = r["val_before"] - r["val_final"]
         r["gain_beyond_no_decay"] = None if plain is None else plain["val_final"] - r["val_final"]
     if localisation:
         print(
-            "\n| run (seed 0) | what decays | val before decay | final | gain, step 600 to 800 | of it, beyond no decay |"
+            f"\n| seed | run | what decays | val before decay | final | gain, step {before} to {end} | of it, beyond no decay |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in localisation:
             what = FACTORS[r["run"]][0] if r["run"] in FACTORS else r["run"]
             beyond = "" if r["gain_beyond_no_decay"] is None else f"{r['gain_beyond_no_decay']:.4f}"
             print(
-                f"| {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | {r['gain']:.4f} | {beyond} |"
+                f"| {r['seed']} | {r['run']} | {what} | {r['val_before']:.4f} | {r['val_final']:.4f} | {r['gain']:.4f} "
+                f"| {beyond} |"
             )
     no_decay = []  # seeds with both arms trained with and without the decay
     for seed in range(100):
