@@ -173,13 +173,19 @@ TRAIN_ARMS = {
 }
 
 
+def preset_config(preset: str):
+    """The preset's config; the tokenizer sets model.vocab_size when a run starts, here the data
+    section's size stands in."""
+    return load_config(preset=preset, overrides=[f"model.vocab_size={load_config(preset=preset).data.vocab_size}"])
+
+
 def layer_breakdown(rounds: int) -> dict:
     """Milliseconds (median of interleaved rounds) of one small-moe layer's parts and of small-dense's
     FFN at the preset's training shape, in train mode with autograd recording, as a training step
     runs them."""
     layers = {}
     for preset in ("small-moe", "small-dense"):
-        cfg = load_config(preset=preset, overrides=[f"model.vocab_size={load_config(preset=preset).data.vocab_size}"])
+        cfg = preset_config(preset)
         torch.manual_seed(0)
         layers[preset] = Transformer(cfg.model).blocks[0].ffn.train()
         T = cfg.train.batch_size * cfg.data.seq_len
@@ -219,9 +225,7 @@ def train_throughput(steps: int, rounds: int) -> dict:
     median over interleaved rounds of `steps` steps each) and the ratio to the dense twin."""
     arms = {}
     for name, (preset, matmul) in TRAIN_ARMS.items():
-        # the tokenizer sets model.vocab_size when a run starts; here the data section's size stands in
-        base = "small-moe" if preset == "@twin" else preset
-        cfg = load_config(preset=base, overrides=[f"model.vocab_size={load_config(preset=base).data.vocab_size}"])
+        cfg = preset_config("small-moe" if preset == "@twin" else preset)
         if preset == "@twin":
             from moelab.analysis.compare import dense_twin
 

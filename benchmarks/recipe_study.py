@@ -193,9 +193,17 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
     and its dense twin (paired by seed, Student-t intervals), and the decay-scope localisation."""
     from moelab.analysis.intervals import mean_interval
 
+    curves: dict[Path, tuple[dict[int, float], dict[int, dict]]] = {}
+
+    def curve(run: Path) -> tuple[dict[int, float], dict[int, dict]]:
+        # NOTE: the default and dense runs serve three tables; their metrics are read once
+        if run not in curves:
+            curves[run] = _curve(run)
+        return curves[run]
+
     base_cfg = factor_config("default")
     start = decay_start(base_cfg.train)
-    before = max(s for s in _curve(out / "default")[0] if s <= start)  # the last evaluation before the decay
+    before = max(s for s in curve(out / "default")[0] if s <= start)  # the last evaluation before the decay
     end = base_cfg.train.max_steps
     per_arm: dict[str, list[dict]] = {}
     for arm in ("default", "dense"):
@@ -203,7 +211,7 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
             run = run_dir(out, arm, seed)
             if RunDir(run).read_summary() is None:
                 break
-            val, train = _curve(run)
+            val, train = curve(run)
             log_every = base_cfg.train.eval_every
             row = {
                 "seed": seed,
@@ -265,7 +273,7 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
                 run = run_dir(out, arm_name, seed)
                 if RunDir(run).read_summary() is None:
                     continue
-                val, _ = _curve(run)
+                val, _ = curve(run)
                 localisation.append({"seed": seed, "run": arm_name, "val_before": val[before], "val_final": val[end]})
     by_run = {(r["seed"], r["run"]): r for r in localisation}
     for r in localisation:  # what the decay itself bought: the gain beyond the same arm's run without decay
@@ -292,7 +300,7 @@ def decay_analysis(out: Path, json_path: Path | None) -> None:
             break
         gains = {}
         for name, run in zip(names, runs):
-            val, _ = _curve(run)
+            val, _ = curve(run)
             gains[name] = val[before] - val[end]
         no_decay.append(
             {
